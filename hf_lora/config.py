@@ -1,0 +1,233 @@
+"""`LoRAConfig`: what to adapt and how, validated once at construction.
+
+The field names are PEFT's (``r``, ``lora_alpha``, ``target_modules``...) so that an
+``adapter_config.json`` written by either library reads in the other.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Literal, Union
+
+BiasMode = Literal["none", "all", "lora_only"]
+InitMode = Union[bool, Literal["gaussian"]]
+
+VALID_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
+VALID_INIT: tuple[object, ...] = (True, False, "gaussian")
+TARGET_GROUPS: tuple[str, ...] = ("attention", "mlp", "embedding", "all-linear")
+
+# PEFT LoraConfig fields that change what the adapter computes. Loading a file that sets one of
+# them to a non-default value would silently give wrong outputs, so it is refused instead.
+_UNSUPPORTED_PEFT_FIELDS: dict[str, object] = {
+    "use_dora": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+}
+# Everything else PEFT writes is bookkeeping we may ignore.
+
+
+def _fail(name: str, value: object, valid: str) -> ValueError:
+    return ValueError(f"LoRAConfig.{name}={value!r} is invalid: expected {valid}.")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise _fail(name, pattern, f"a valid regular expression ({exc})") from None
+
+
+def _as_str_tuple(name: str, value: object, *, allow_none: bool) -> tuple[str, ...] | str | None:
+    """Normalise a str-or-list field into an immutable form."""
+    if value is None:
+        if allow_none:
+            return None
+        raise _fail(name, value, "a module name, a regex string, or a list of names")
+    if isinstance(value, str):
+        if not value:
+            raise _fail(name, value, "a non-empty string")
+        _check_regex(name, value)
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        items = tuple(value)
+        if not items:
+            raise _fail(name, value, "a non-empty list of module names")
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise _fail(name, value, "a list of non-empty strings")
+        return items
+    raise _fail(name, value, "a string or a list of strings")
+
+
+def _is_positive_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _freeze_pattern(name: str, value: object, *, integer: bool) -> Mapping[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise _fail(name, value, "a dict mapping module-name patterns to numbers")
+    for key, val in value.items():
+        if not isinstance(key, str) or not key:
+            raise _fail(name, value, "non-empty string keys")
+        _check_regex(name, key)
+        ok = (isinstance(val, int) and not isinstance(val, bool) and val > 0) if integer else _is_positive_number(val)
+        if not ok:
+            kind = "positive integers" if integer else "positive finite numbers"
+            raise _fail(name, value, f"{kind} as values (bad entry {key!r}: {val!r})")
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """How LoRA adapts a model: ``W x + (lora_alpha / r) * B A x``.
+
+    Args:
+        r: Rank of the update; ``A`` is ``r x in``, ``B`` is ``out x r``.
+        lora_alpha: Numerator of the scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+        target_modules: Which modules get adapters. A list entry is a group
+            (``"attention"``, ``"mlp"``, ``"embedding"``, ``"all-linear"``, resolved per
+            architecture), a module name matched as a suffix of the full path (``"q_proj"``,
+            ``"self_attn.q_proj"``), or a full-path regular expression. A plain string is a
+            group or a full-path regex, as in PEFT.
+        exclude_modules: Same syntax; matching modules are never adapted.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
+        use_rslora: Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        init_lora_weights: ``True``: A kaiming-uniform, B zero (PEFT's default);
+            ``"gaussian"``: A ~ N(0, (1/r)^2), B zero; ``False``: both random (tests only:
+            a fresh adapter then changes the outputs).
+        rank_pattern: ``{pattern: r}`` overrides per module; a pattern matches a module when it
+            equals the path, is a suffix of it, or full-matches it as a regex.
+        alpha_pattern: ``{pattern: alpha}`` overrides, same matching.
+        modules_to_save: Modules trained in full and saved next to the adapter (e.g. a
+            classification head). Matched by name suffix.
+        fan_in_fan_out: The base weight is stored ``in x out`` (GPT-2 ``Conv1D``). Detected
+            per layer; kept only for PEFT round trips.
+        task_type: PEFT task type written to ``adapter_config.json`` (``"CAUSAL_LM"`` etc.);
+            filled from the model class when ``None``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: Union[str, tuple[str, ...]] = ("attention", "mlp")
+    exclude_modules: Union[str, tuple[str, ...], None] = None
+    bias: BiasMode = "none"
+    use_rslora: bool = False
+    init_lora_weights: InitMode = True
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: Union[tuple[str, ...], None] = None
+    fan_in_fan_out: bool = False
+    task_type: Union[str, None] = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalised values are written once, here
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise _fail("r", self.r, "a positive integer (typical values: 4, 8, 16, 64)")
+        if not _is_positive_number(self.lora_alpha):
+            raise _fail("lora_alpha", self.lora_alpha, "a positive finite number (commonly 2 * r)")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise _fail("lora_dropout", dropout, "a probability in [0, 1)")
+        set_(self, "lora_dropout", float(dropout))
+        set_(self, "target_modules", _as_str_tuple("target_modules", self.target_modules, allow_none=False))
+        set_(self, "exclude_modules", _as_str_tuple("exclude_modules", self.exclude_modules, allow_none=True))
+        if self.bias not in VALID_BIAS:
+            raise _fail("bias", self.bias, f"one of {', '.join(map(repr, VALID_BIAS))}")
+        if not isinstance(self.use_rslora, bool):
+            raise _fail("use_rslora", self.use_rslora, "True or False")
+        if not any(self.init_lora_weights is v or (isinstance(v, str) and self.init_lora_weights == v) for v in VALID_INIT):
+            raise _fail("init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        set_(self, "rank_pattern", _freeze_pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_(self, "alpha_pattern", _freeze_pattern("alpha_pattern", self.alpha_pattern, integer=False))
+        modules = _as_str_tuple("modules_to_save", self.modules_to_save, allow_none=True)
+        set_(self, "modules_to_save", (modules,) if isinstance(modules, str) else modules)
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise _fail("fan_in_fan_out", self.fan_in_fan_out, "True or False")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise _fail("task_type", self.task_type, "None or a PEFT task type string such as 'CAUSAL_LM'")
+
+    # --- per-module values -------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` (``rank_pattern`` first, else ``r``)."""
+        return int(_lookup_pattern(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        """``lora_alpha`` for ``module_name`` (``alpha_pattern`` first)."""
+        return float(_lookup_pattern(self.alpha_pattern, module_name, self.lora_alpha))
+
+    def scaling_for(self, module_name: str) -> float:
+        """``alpha / r`` or, with rsLoRA, ``alpha / sqrt(r)``."""
+        rank = self.rank_for(module_name)
+        denominator = math.sqrt(rank) if self.use_rslora else rank
+        return self.alpha_for(module_name) / denominator
+
+    # --- serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of the fields."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("rank_pattern", "alpha_pattern"):
+            out[key] = dict(out[key])
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "adapter config") -> "LoRAConfig":
+        """Build a config from an ``adapter_config.json`` dict (ours or PEFT's).
+
+        PEFT bookkeeping fields are ignored; PEFT features that change the maths and that
+        hf_lora does not implement raise ``ValueError`` naming the field.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type={peft_type!r} is not supported; hf_lora loads only 'LORA' adapters.")
+        for name, default in _UNSUPPORTED_PEFT_FIELDS.items():
+            value = data.get(name, default)
+            if value not in (default, None, False, [], {}):
+                raise ValueError(
+                    f"{source}: {name}={value!r} is a PEFT feature hf_lora does not implement; "
+                    f"only {default!r} can be loaded."
+                )
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if kwargs.get("target_modules") is None:
+            raise ValueError(f"{source}: 'target_modules' is missing; it must list the adapted modules.")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def _lookup_pattern(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if module_name == key or module_name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module_name):
+            return value
+    return default

@@ -1,0 +1,86 @@
+"""Model cards and Hub uploads for adapters.
+
+The card's front matter uses ``library_name: peft`` and the ``base_model:adapter:<id>`` tag, which
+is how the Hub recognises a repository as a LoRA adapter for a given base model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .model import LoRAModelWrapper
+
+
+def model_card(wrapper: "LoRAModelWrapper", *, metrics: Mapping[str, float] | None = None, dataset: str | None = None) -> str:
+    """README.md text for an adapter: YAML front matter, then config, size and metrics."""
+    from .checkpoint import _base_name_or_path
+
+    cfg = wrapper.lora_config
+    base_id = _base_name_or_path(wrapper.base_model)
+    trainable, total = wrapper.trainable_parameters()
+    adapter_params = sum(p.numel() for p in wrapper.adapter_parameters().values())
+    tags = ["hf-lora", "lora", "peft"]
+    front = ["---", "library_name: peft"]
+    if base_id:
+        front.append(f"base_model: {base_id}")
+        tags.append(f"base_model:adapter:{base_id}")
+    if dataset:
+        front.append(f"datasets:\n- {dataset}")
+    front.append("tags:\n" + "\n".join(f"- {t}" for t in tags))
+    front.append("---")
+    targets = wrapper.peft_target_modules
+    body = [
+        "",
+        f"# LoRA adapter{f' for {base_id}' if base_id else ''}",
+        "",
+        "Trained with [hf-lora](https://github.com/hf-lora/hf-lora). Load it with hf_lora or PEFT:",
+        "",
+        "```python",
+        "from hf_lora import LoRAModelWrapper",
+        "model = LoRAModelWrapper.from_pretrained(base_model, \"<this repo>\")",
+        "```",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| r | {cfg.r} |",
+        f"| lora_alpha | {cfg.lora_alpha:g} |",
+        f"| lora_dropout | {cfg.lora_dropout:g} |",
+        f"| target_modules | {', '.join(targets) if isinstance(targets, list) else targets} |",
+        f"| use_rslora | {cfg.use_rslora} |",
+        f"| adapter parameters | {adapter_params:,d} |",
+        f"| trainable % of base | {100 * trainable / max(total, 1):.4f} |",
+    ]
+    if metrics:
+        body += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]
+        body += [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in metrics.items()]
+    return "\n".join(front + body) + "\n"
+
+
+def push_adapter(
+    wrapper: "LoRAModelWrapper",
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload LoRA adapter (hf-lora)",
+    metrics: Mapping[str, float] | None = None,
+) -> str:
+    """Create ``repo_id`` if needed and upload the adapter folder. Returns the commit URL.
+
+    Uploads exactly ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md``.
+    The token is passed to ``huggingface_hub`` only; it is never written to any file.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="hf_lora_push_") as folder:
+        wrapper.save_pretrained(folder, metrics=metrics)
+        info: Any = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision, commit_message=commit_message
+        )
+    return str(info)

@@ -1,0 +1,333 @@
+"""`wrap` and `LoRAModelWrapper`: inject LoRA layers into a transformers model and drive them.
+
+The wrapper is a plain ``nn.Module`` around the (mutated in place) base model, shaped so the
+stock ``transformers.Trainer`` treats it correctly (see ``docs/trainer.md``):
+
+* attribute reads fall through to the base model (``config``, ``generate``, ``loss_type``...);
+* ``forward`` is defined per base class and carries the base forward's signature, so Trainer's
+  label detection and column pruning see ``labels``, ``input_ids``...;
+* ``state_dict`` / ``load_state_dict`` hold adapter tensors only, so Trainer's checkpoints are
+  adapter-only and resume through its non-strict load;
+* ``_hf_peft_config_loaded`` lets a bitsandbytes base through Trainer's "purely quantized"
+  check; wrap re-does the check that flag skips (the quantizer must be trainable).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .config import LoRAConfig
+from .layers import LoRALayer, TrainedCopy
+from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
+from .targets import match_modules_to_save, peft_target_modules, plan_targets
+
+_WRAPPER_CLASSES: dict[type, type] = {}
+
+
+def _wrapper_class_for(base_class: type) -> type["LoRAModelWrapper"]:
+    """A ``LoRAModelWrapper`` subclass whose class-level ``forward`` mirrors ``base_class.forward``."""
+    cached = _WRAPPER_CLASSES.get(base_class)
+    if cached is not None:
+        return cached
+
+    def forward(self: LoRAModelWrapper, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    base_forward = getattr(base_class, "forward", None)
+    try:
+        forward.__signature__ = inspect.signature(base_forward)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass  # no introspectable signature: keep (*args, **kwargs)
+    forward.__doc__ = getattr(base_forward, "__doc__", None)
+    name = f"LoRA{base_class.__name__}"
+    cls = type(name, (LoRAModelWrapper,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    globals().setdefault(name, cls)  # importable by name, so pickling a wrapper works
+    _WRAPPER_CLASSES[base_class] = cls
+    return cls
+
+
+def _check_quantized_base_trainable(model: nn.Module) -> None:
+    # The _hf_peft_config_loaded flag makes Trainer skip this check, so it is done here.
+    if not getattr(model, "is_quantized", False):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_trainable", False):
+        method = getattr(model, "quantization_method", type(quantizer).__name__)
+        raise ValueError(
+            f"The base model is quantized with {method!s}, which does not support training; "
+            "use bitsandbytes 4-bit or 8-bit (or another trainable quantization method)."
+        )
+
+
+def _replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, new)
+
+
+class LoRAModelWrapper(nn.Module):
+    """A transformers model with LoRA adapters injected. Build it with `wrap`.
+
+    Attributes:
+        base_model: The wrapped model; its targeted layers are now LoRA layers.
+        lora_config: The `LoRAConfig` used.
+    """
+
+    # Read by transformers' Trainer: see the module docstring.
+    _hf_peft_config_loaded = True
+    _keys_to_ignore_on_save = None
+    model_tags = ["hf-lora", "lora"]
+
+    def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "LoRAModelWrapper":
+        if cls is LoRAModelWrapper and isinstance(base_model, nn.Module):
+            cls = _wrapper_class_for(type(base_model))
+        return super().__new__(cls)
+
+    def __init__(self, base_model: nn.Module, config: LoRAConfig | None = None) -> None:
+        if isinstance(base_model, LoRAModelWrapper):
+            raise ValueError("This model is already wrapped by hf_lora; wrap the original model once.")
+        if any(isinstance(m, (LoRALayer, TrainedCopy)) for m in base_model.modules()):
+            raise ValueError("This model already contains hf_lora LoRA layers; wrap the original model once.")
+        if _is_peft_injected(base_model):
+            raise ValueError("This model already contains PEFT adapters; unload them before wrapping with hf_lora.")
+        config = config if config is not None else LoRAConfig()
+        if not isinstance(config, LoRAConfig):
+            raise ValueError(f"config must be a LoRAConfig, got {type(config).__name__}.")
+        _check_quantized_base_trainable(base_model)
+        # Plan everything first: a bad config raises before the model is touched.
+        plan = plan_targets(base_model, config)
+        save_paths = match_modules_to_save(base_model, config.modules_to_save)
+        overlap = sorted(set(save_paths) & {t.path for t in plan})
+        if overlap:
+            raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
+        super().__init__()
+        self.lora_config = config
+        self.peft_target_modules = peft_target_modules(base_model, [t.path for t in plan])
+        for target in plan:
+            layer = target.lora_class(
+                target.module, r=target.r, scaling=target.scaling,
+                dropout=config.lora_dropout, init=config.init_lora_weights,
+            )
+            layer._hf_lora_path = target.path
+            layer.train(target.module.training)  # a fresh layer must not turn dropout on in an eval model
+            _replace_submodule(base_model, target.path, layer)
+        for path in save_paths:
+            _replace_submodule(base_model, path, TrainedCopy(base_model.get_submodule(path)))
+        self.base_model = base_model
+        freeze_base(base_model, config.bias)
+
+    # --- delegation (what Trainer and users read from "the model") ----------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _get_name(self) -> str:
+        # Trainer's label smoothing decides label shifting from this name.
+        return self.base_model._get_name()
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (PEFT's name for ``base_model``)."""
+        return self.base_model
+
+    def to(self, *args: Any, **kwargs: Any) -> "LoRAModelWrapper":
+        """``nn.Module.to``, refusing dtype casts of a bitsandbytes base (they would corrupt it)."""
+        _, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and getattr(self.base_model, "is_quantized", False):
+            raise ValueError(
+                f"Cannot cast a quantized base model to {dtype}; the adapters already compute in "
+                "fp32 and mixed precision is set through TrainingArguments (bf16/fp16)."
+            )
+        return super().to(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Enable the base's activation checkpointing and make its inputs require grad.
+
+        With a frozen embedding, reentrant checkpointing would otherwise see inputs without
+        grad and silently train nothing.
+        """
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is None:
+            enable = self.base_model.gradient_checkpointing_enable
+        enable(*args, **kwargs)
+        self.base_model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Deprecated transformers alias of `activation_checkpointing_enable`."""
+        enable = getattr(self.base_model, "gradient_checkpointing_enable")
+        enable(*args, **kwargs)
+        self.base_model.enable_input_require_grads()
+
+    # --- adapter state ------------------------------------------------------------------------
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapter parameters keyed by path in ``base_model`` (the one definition of adapter state)."""
+        return adapter_parameters(self.base_model, self.lora_config.bias)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """Adapter tensors only (keys ``base_model.<path>``); what Trainer writes to checkpoints.
+
+        Collected from the adapter parameters directly: walking the base would run quantized
+        layers' state-dict hooks, which on some CPUs alter bitsandbytes 4-bit weights.
+        """
+        if args:  # legacy positional (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        out = destination if destination is not None else OrderedDict()
+        for path, param in self.adapter_parameters().items():
+            out[f"{prefix}base_model.{path}"] = param if keep_vars else param.detach()
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> _IncompatibleKeys:
+        """Load adapter tensors written by `state_dict`; missing keys are reported among adapter keys only."""
+        expected = {f"base_model.{p}": param for p, param in self.adapter_parameters().items()}
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Adapter state mismatch: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}.")
+        for key, param in expected.items():
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                raise RuntimeError(
+                    f"Adapter tensor {key!r} has shape {tuple(state_dict[key].shape)}, model expects {tuple(param.shape)}."
+                )
+        with torch.no_grad():
+            for key, param in expected.items():
+                if key in state_dict:
+                    param.copy_(state_dict[key])
+        return _IncompatibleKeys(missing, unexpected)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P``."""
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- merge / disable ------------------------------------------------------------------------
+
+    def _lora_layers(self) -> list[LoRALayer]:
+        self._check_not_unloaded()
+        return [layer for _, layer in lora_layers(self.base_model)]
+
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold every adapter into its base weight (fp32 maths). Idempotent; `unmerge` reverses it.
+
+        Args:
+            keep_original: Keep a copy of each merged base weight so `unmerge` is bit-exact
+                (one extra copy of the adapted weights). ``False`` saves that memory and
+                unmerges by subtraction, exact up to rounding.
+        """
+        for layer in self._lora_layers():
+            layer.merge(keep_original=keep_original)
+
+    def unmerge(self) -> None:
+        """Take every adapter back out of its base weight. Idempotent."""
+        for layer in self._lora_layers():
+            layer.unmerge()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: adapters skipped, ``modules_to_save`` originals used."""
+        layers = self._lora_layers()
+        copies = [m for m in self.base_model.modules() if isinstance(m, TrainedCopy)]
+        was_merged = [layer.merged for layer in layers]
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        for copy in copies:
+            copy.disabled = True
+        try:
+            yield
+        finally:
+            for layer, merged in zip(layers, was_merged):
+                layer.disabled = False
+                if merged:
+                    layer.merge()
+            for copy in copies:
+                copy.disabled = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, then return the plain base model with its original module classes.
+
+        The wrapper is unusable afterwards. On a bitsandbytes base the merged weights are
+        requantized (a warning says so); `hf-lora merge` merges into a 16-bit copy instead.
+        """
+        self.merge(keep_original=False)
+        return self._restore_base()
+
+    def _restore_base(self) -> nn.Module:
+        """Put the base layers back in place of the LoRA layers (no merge) and return the base."""
+        base = self.base_model
+        for path, module in list(base.named_modules()):
+            if isinstance(module, LoRALayer):
+                _replace_submodule(base, path, module.base_layer)
+            elif isinstance(module, TrainedCopy):
+                _replace_submodule(base, path, module.trained_module if module.trained_module is not None else module.original_module)
+        self._unloaded = True
+        return base
+
+    def _check_not_unloaded(self) -> None:
+        if self.__dict__.get("_unloaded"):
+            raise RuntimeError("This wrapper was unloaded (merge_and_unload); wrap the model again to add adapters.")
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, *, is_main_process: bool = True, **card_fields: Any) -> None:
+        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md`` card (PEFT layout)."""
+        from .checkpoint import save_adapter
+
+        if is_main_process:
+            save_adapter(self, save_directory, **card_fields)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        model_id: str,
+        *,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | None = None,
+        subfolder: str | None = None,
+    ) -> "LoRAModelWrapper":
+        """Wrap ``base_model`` with the adapter in folder or Hub repo ``model_id`` (ours or PEFT's).
+
+        ``is_trainable=False`` (PEFT's default) freezes the adapter for inference.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(base_model, model_id, is_trainable=is_trainable, revision=revision, token=token, subfolder=subfolder)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the adapter files and model card to the Hub; see `hf_lora.hub.push_adapter`."""
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, **kwargs)
+
+
+def _is_peft_injected(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("peft.tuners") for m in model.modules())
+
+
+def wrap(model: nn.Module, config: LoRAConfig | None = None) -> LoRAModelWrapper:
+    """Inject LoRA adapters into ``model`` and return the wrapper Trainer can train.
+
+    Args:
+        model: A transformers model (or any ``nn.Module`` with supported layers). It is
+            modified in place: targeted layers become LoRA layers, the rest is frozen.
+        config: What to adapt; ``LoRAConfig()`` (r=8, alpha=16, attention + MLP) by default.
+    """
+    return LoRAModelWrapper(model, config)
