@@ -6,6 +6,7 @@
 
 from .config import LoRAConfig
 from .model import LoRAModelWrapper, wrap
+from .optimizers import create_loraplus_optimizer
 
-__all__ = ["LoRAConfig", "LoRAModelWrapper", "wrap"]
+__all__ = ["create_loraplus_optimizer", "LoRAConfig", "LoRAModelWrapper", "wrap"]
 __version__ = "0.1.0"
