@@ -228,6 +228,7 @@ class LoRAConfig:
 
 def _lookup_pattern(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
     for key, value in patterns.items():
-        if module_name == key or module_name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module_name):
+        # The key is grouped so an alternation ("k_proj|o_proj") is matched as a whole, as in PEFT.
+        if module_name == key or module_name.endswith("." + key) or re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return value
     return default
