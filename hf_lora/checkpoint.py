@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
+from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .layers import LoRAConv1D
 from .state import lora_layers, peft_key
 
@@ -76,11 +77,13 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
     # Per-module overrides are written as exact paths so PEFT resolves them identically.
     rank_pattern = {path: r for path, r in ranks.items() if r != cfg.r}
     alpha_pattern = {path: cfg.alpha_for(path) for path in ranks if cfg.alpha_for(path) != cfg.lora_alpha}
+    fingerprint = base_fingerprint(wrapper)
     return {
         "peft_type": "LORA",
         "task_type": _task_type(wrapper),
         "base_model_name_or_path": _base_name_or_path(wrapper.base_model),
-        "revision": None,
+        "revision": fingerprint["revision"],  # PEFT's field for the base model's revision
+        FINGERPRINT_KEY: fingerprint,  # PEFT drops unknown keys on load; see fingerprint.py
         "inference_mode": True,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
@@ -231,7 +234,8 @@ def _base_parameter(base: nn.Module, key: str) -> nn.Parameter | None:
 
 
 def load_pretrained(
-    base_model: nn.Module, model_id: str, *, is_trainable: bool, revision: str | None, token: str | None, subfolder: str | None
+    base_model: nn.Module, model_id: str, *, is_trainable: bool, revision: str | None, token: str | None, subfolder: str | None,
+    strict_base: bool = False,
 ) -> "LoRAModelWrapper":
     """`LoRAModelWrapper.from_pretrained`: read, validate, wrap, load; the base is untouched on error."""
     from .model import LoRAModelWrapper
@@ -242,6 +246,7 @@ def load_pretrained(
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
     wrapper = LoRAModelWrapper(base_model, config)
     try:
+        check_base(recorded_fingerprint(folder / CONFIG_NAME), wrapper, strict=strict_base, source=str(folder))
         load_tensors_into(wrapper, tensors, str(folder))
     except BaseException:
         wrapper._restore_base()

@@ -302,14 +302,18 @@ class LoRAModelWrapper(nn.Module):
         revision: str | None = None,
         token: str | None = None,
         subfolder: str | None = None,
+        strict_base: bool = False,
     ) -> "LoRAModelWrapper":
         """Wrap ``base_model`` with the adapter in folder or Hub repo ``model_id`` (ours or PEFT's).
 
-        ``is_trainable=False`` (PEFT's default) freezes the adapter for inference.
+        ``is_trainable=False`` (PEFT's default) freezes the adapter for inference. When the
+        adapter was saved on a different base (see ``hf_lora.fingerprint``), a
+        ``BaseMismatchWarning`` names what differs; ``strict_base=True`` raises instead.
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(base_model, model_id, is_trainable=is_trainable, revision=revision, token=token, subfolder=subfolder)
+        return load_pretrained(base_model, model_id, is_trainable=is_trainable, revision=revision, token=token,
+                               subfolder=subfolder, strict_base=strict_base)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the adapter files and model card to the Hub; see `hf_lora.hub.push_adapter`."""
