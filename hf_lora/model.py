@@ -28,6 +28,7 @@ from .config import LoRAConfig
 from .layers import LoRALayer, TrainedCopy
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
+from .tying import check_untied, untie_base_weights
 
 _WRAPPER_CLASSES: dict[type, type] = {}
 
@@ -230,7 +231,9 @@ class LoRAModelWrapper(nn.Module):
                 (one extra copy of the adapted weights). ``False`` saves that memory and
                 unmerges by subtraction, exact up to rounding.
         """
-        for layer in self._lora_layers():
+        layers = self._lora_layers()
+        check_untied(self.base_model)  # a tied weight would carry the delta into another module
+        for layer in layers:
             layer.merge(keep_original=keep_original)
 
     def unmerge(self) -> None:
@@ -265,6 +268,8 @@ class LoRAModelWrapper(nn.Module):
         The wrapper is unusable afterwards. On a bitsandbytes base the merged weights are
         requantized (a warning says so); `hf-lora merge` merges into a 16-bit copy instead.
         """
+        self._check_not_unloaded()
+        untie_base_weights(self.base_model)  # the other user of a tied weight keeps the original
         self.merge(keep_original=False)
         return self._restore_base()
 
