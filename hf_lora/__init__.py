@@ -5,8 +5,18 @@
 """
 
 from .config import LoRAConfig
+from .kbit import prepare_for_kbit_training
 from .model import LoRAModelWrapper, wrap
 from .optimizers import create_loraplus_optimizer
 
-__all__ = ["create_loraplus_optimizer", "LoRAConfig", "LoRAModelWrapper", "wrap"]
+__all__ = ["LoRACallback", "prepare_for_kbit_training", "create_loraplus_optimizer", "LoRAConfig", "LoRAModelWrapper", "wrap"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # LoRACallback imports transformers' Trainer stack (seconds); load it only when asked for.
+    if name == "LoRACallback":
+        from .callbacks import LoRACallback
+
+        return LoRACallback
+    raise AttributeError(f"module 'hf_lora' has no attribute {name!r}")

@@ -7,15 +7,31 @@ is how the Hub recognises a repository as a LoRA adapter for a given base model.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .model import LoRAModelWrapper
 
 
-def model_card(wrapper: "LoRAModelWrapper", *, metrics: Mapping[str, float] | None = None, dataset: str | None = None) -> str:
-    """README.md text for an adapter: YAML front matter, then config, size and metrics."""
+def model_card(
+    wrapper: "LoRAModelWrapper",
+    *,
+    metrics: Mapping[str, float] | None = None,
+    dataset: str | None = None,
+    extra_tags: Sequence[str] = (),
+    appendix: str | None = None,
+) -> str:
+    """README.md text for an adapter: YAML front matter, then config, size and metrics.
+
+    Args:
+        wrapper: The adapted model.
+        metrics: Training/eval metrics to list (e.g. from ``LoRACallback``).
+        dataset: A Hub dataset id for the front matter.
+        extra_tags: More front-matter tags (e.g. Trainer's), appended without duplicates.
+        appendix: Markdown appended at the end (e.g. Trainer's "Training procedure").
+    """
     from .checkpoint import _base_name_or_path
 
     cfg = wrapper.lora_config
@@ -23,6 +39,7 @@ def model_card(wrapper: "LoRAModelWrapper", *, metrics: Mapping[str, float] | No
     trainable, total = wrapper.trainable_parameters()
     adapter_params = sum(p.numel() for p in wrapper.adapter_parameters().values())
     tags = ["hf-lora", "lora", "peft"]
+    tags += [t for t in dict.fromkeys(extra_tags) if t not in tags]
     front = ["---", "library_name: peft"]
     if base_id:
         front.append(f"base_model: {base_id}")
@@ -56,7 +73,29 @@ def model_card(wrapper: "LoRAModelWrapper", *, metrics: Mapping[str, float] | No
     if metrics:
         body += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if appendix:
+        body += ["", appendix.strip()]
     return "\n".join(front + body) + "\n"
+
+
+def rewrite_trainer_card(wrapper: "LoRAModelWrapper", output_dir: str, *, metrics: Mapping[str, float] | None = None) -> None:
+    """Replace the card ``Trainer.create_model_card`` wrote in ``output_dir`` with the adapter card.
+
+    Trainer's card says ``library_name: transformers``, so the Hub would not see an adapter.
+    Its tags and its "## Training procedure" section (hyperparameters, results table) are kept.
+    """
+    from huggingface_hub import ModelCard
+
+    path = Path(output_dir) / "README.md"
+    extra_tags: list[str] = []
+    appendix = None
+    if path.is_file():
+        card = ModelCard.load(str(path))
+        extra_tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:")]
+        text = card.text
+        start = text.find("## Training procedure")
+        appendix = text[start:] if start >= 0 else None
+    path.write_text(model_card(wrapper, metrics=metrics, extra_tags=extra_tags, appendix=appendix), encoding="utf-8")
 
 
 def push_adapter(
@@ -76,6 +115,8 @@ def push_adapter(
     """
     from huggingface_hub import HfApi
 
+    if metrics is None:  # metrics LoRACallback recorded at the last Trainer push, if any
+        metrics = wrapper.__dict__.get("_hf_lora_card_metrics")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="hf_lora_push_") as folder:

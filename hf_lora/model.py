@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import LoRAConfig
+from .init import check_base_init, init_from_base
 from .layers import LoRALayer, TrainedCopy
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
@@ -109,6 +110,7 @@ class LoRAModelWrapper(nn.Module):
         overlap = sorted(set(save_paths) & {t.path for t in plan})
         if overlap:
             raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
+        check_base_init([(t.path, t.lora_class) for t in plan], config.init_lora_weights, base_model)
         super().__init__()
         self.lora_config = config
         self.peft_target_modules = peft_target_modules(base_model, [t.path for t in plan])
@@ -118,6 +120,7 @@ class LoRAModelWrapper(nn.Module):
                 dropout=config.lora_dropout, init=config.init_lora_weights,
             )
             layer._hf_lora_path = target.path
+            init_from_base(layer, config.init_lora_weights)  # PiSSA / OLoRA; no-op otherwise
             layer.train(target.module.training)  # a fresh layer must not turn dropout on in an eval model
             _replace_submodule(base_model, target.path, layer)
         for path in save_paths:
@@ -326,6 +329,17 @@ class LoRAModelWrapper(nn.Module):
 
         return push_adapter(self, repo_id, **kwargs)
 
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Rewrite ``output_dir/README.md`` as hf_lora's adapter card (called by ``Trainer.push_to_hub``).
+
+        Trainer calls this after writing its own card when the folder's previous card said
+        ``library_name: peft`` (``LoRACallback`` writes one in ``on_push_begin``). Trainer's tags
+        and its "Training procedure" section are kept; the front matter becomes ours.
+        """
+        from .hub import rewrite_trainer_card
+
+        rewrite_trainer_card(self, output_dir, metrics=self.__dict__.get("_hf_lora_card_metrics"))
+
 
 def _is_peft_injected(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith("peft.tuners") for m in model.modules())
@@ -338,5 +352,13 @@ def wrap(model: nn.Module, config: LoRAConfig | None = None) -> LoRAModelWrapper
         model: A transformers model (or any ``nn.Module`` with supported layers). It is
             modified in place: targeted layers become LoRA layers, the rest is frozen.
         config: What to adapt; ``LoRAConfig()`` (r=8, alpha=16, attention + MLP) by default.
+
+    A quantized (bitsandbytes) base also gets its 1-D parameters (norms, biases) upcast to fp32
+    (``hf_lora.prepare_for_kbit_training(model, input_grads=False)``; see ``docs/qlora.md``).
     """
-    return LoRAModelWrapper(model, config)
+    wrapper = LoRAModelWrapper(model, config)
+    if getattr(model, "is_quantized", False):
+        from .kbit import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model, input_grads=False)
+    return wrapper
