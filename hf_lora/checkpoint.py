@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,8 @@ from torch import nn
 from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .layers import LoRAConv1D
+# atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
+from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
 from .state import lora_layers, peft_key
 
 if TYPE_CHECKING:
@@ -38,23 +39,14 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS
                "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``.
-
-    A crash at any point leaves either the previous complete file or the new complete one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Ties the two files of one save together: the weights' metadata repeats the config fields that
+# decide what the tensors mean, so a pair from two saves (a crash between the two renames, files
+# copied from two adapters) is reported on load. Other fields may be edited by hand freely.
+SETTINGS_KEY = "hf_lora_settings"
+_SETTINGS_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                    "exclude_modules", "modules_to_save", "bias")
+# adapter_config.json is a few KB; refusing giant files keeps a hostile one from exhausting memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 def _base_name_or_path(base: nn.Module) -> str | None:
@@ -108,7 +100,13 @@ def adapter_tensors(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor]:
 
 
 def save_adapter(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str], **card_fields: Any) -> Path:
-    """Write the adapter folder atomically, file by file. Returns the folder."""
+    """Write the adapter folder crash-safely. Returns the folder.
+
+    All three files are staged in the folder first and then renamed into place, so a failed
+    write (disk full, read-only folder) leaves the previous adapter untouched, and a crash
+    leaves each file either old or new. The weights' metadata repeats the config fields that
+    give the tensors their meaning, so a pair from two different saves is reported on load.
+    """
     from .hub import model_card
 
     folder = Path(directory)
@@ -116,10 +114,14 @@ def save_adapter(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str],
         raise ValueError(f"Cannot save the adapter to {str(folder)!r}: it exists and is not a folder.")
     tensors = adapter_tensors(wrapper)
     config = adapter_config_dict(wrapper)
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config), sort_keys=True)}
     card = model_card(wrapper, **card_fields)
-    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+    atomic_write_files({
+        folder / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+        folder / CONFIG_NAME: lambda tmp: Path(tmp).write_bytes(config_bytes),
+        folder / "README.md": lambda tmp: Path(tmp).write_text(card, encoding="utf-8"),
+    })
     return folder
 
 
@@ -127,8 +129,17 @@ def save_adapter(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str],
 
 
 def resolve_adapter_folder(model_id: str, *, revision: str | None, token: str | None, subfolder: str | None) -> Path:
-    """A local folder holding the adapter files: ``model_id`` itself, or a Hub download."""
-    local = Path(model_id) / (subfolder or "")
+    """A local folder holding the adapter files: ``model_id`` itself, or a Hub download.
+
+    ``subfolder`` must stay inside the folder or repository (no ``..``, absolute path or
+    symlink leading out); `hf_lora.safe_io.safe_join` checks it.
+    """
+    if subfolder:
+        check_relative_name(subfolder, what="subfolder")
+    if subfolder and Path(model_id).is_dir():
+        local = safe_join(model_id, subfolder, what="subfolder")
+    else:
+        local = Path(model_id) / (subfolder or "")
     if local.is_dir():
         return local
     looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
@@ -139,8 +150,9 @@ def resolve_adapter_folder(model_id: str, *, revision: str | None, token: str | 
     patterns = [CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]
     if subfolder:
         patterns = [f"{subfolder}/{p}" for p in patterns]
+    # allow_patterns: only the adapter files are fetched, never code or pickles of the repo.
     snapshot = snapshot_download(model_id, revision=revision, token=token, allow_patterns=patterns)
-    return Path(snapshot) / (subfolder or "")
+    return safe_join(snapshot, subfolder, what="subfolder") if subfolder else Path(snapshot)
 
 
 def read_config(folder: Path) -> LoRAConfig:
@@ -148,11 +160,20 @@ def read_config(folder: Path) -> LoRAConfig:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{path}: missing; an adapter folder needs {CONFIG_NAME} next to {WEIGHTS_NAME}.")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {size:,d} bytes is too large for an adapter config (limit {MAX_CONFIG_BYTES:,d}).")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({exc}).") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, over-long integers, absurd nesting
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]}).") from None
     return LoRAConfig.from_dict(data, source=str(path))
+
+
+def weights_path(folder: Path) -> Path:
+    """The weights file `read_tensors` reads in ``folder`` (safetensors first, else legacy ``.bin``)."""
+    path = folder / WEIGHTS_NAME
+    return path if path.is_file() or not (folder / LEGACY_WEIGHTS_NAME).is_file() else folder / LEGACY_WEIGHTS_NAME
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -174,6 +195,39 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{legacy}: expected a dict of tensors.")
         return data
     raise ValueError(f"{path}: missing; the adapter folder {str(folder)!r} holds no adapter weights.")
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {name: config.get(name) for name in _SETTINGS_FIELDS}
+
+
+def check_same_save(folder: Path) -> None:
+    """Warn when the weights were saved with other LoRA settings than ``adapter_config.json`` holds.
+
+    That happens when a save was interrupted between its renames, when files of two adapters
+    are mixed, or when the config was edited by hand; the warning lists the differing fields.
+    Files without the record (PEFT's, older hf_lora) are not checked.
+    """
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(SETTINGS_KEY)
+        saved = json.loads(recorded) if recorded is not None else None
+        current = _settings(json.loads((folder / CONFIG_NAME).read_bytes().decode("utf-8")))
+    except (SafetensorError, OSError, RuntimeError, ValueError, RecursionError, AttributeError):
+        return  # read_config / read_tensors report unreadable files; this record is optional
+    if not isinstance(saved, dict):
+        return
+    diffs = [f"{k}={saved.get(k)!r} with the weights, {current[k]!r} in the config"
+             for k in _SETTINGS_FIELDS if saved.get(k) != current[k]]
+    if diffs:
+        warnings.warn(
+            f"{path} was saved with other settings than {folder / CONFIG_NAME}: {'; '.join(diffs)}. "
+            "An interrupted save or files from two adapters? Save the adapter again, or ignore this "
+            "if you edited the config on purpose.", stacklevel=4,
+        )
 
 
 def load_tensors_into(wrapper: "LoRAModelWrapper", tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -208,6 +262,11 @@ def load_tensors_into(wrapper: "LoRAModelWrapper", tensors: dict[str, torch.Tens
             raise ValueError(f"{source}: tensor {key!r} has dtype {tensors[key].dtype}; expected a floating point dtype.")
     for key, (param, tensor) in base_overrides.items():
         _check_shape(source, key, tuple(tensor.shape), tuple(param.shape))
+    for key in [*params, *base_overrides]:
+        # NaN/inf never come out of training that worked; loading them would poison every output.
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+            raise ValueError(f"{source}: tensor {key!r} contains NaN or infinite values.")
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key].to(param.dtype))
@@ -243,11 +302,16 @@ def load_pretrained(
     folder = resolve_adapter_folder(model_id, revision=revision, token=token, subfolder=subfolder)
     config = read_config(folder)
     tensors = read_tensors(folder)
+    check_same_save(folder)
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    wrapper = LoRAModelWrapper(base_model, config)
+    try:
+        # Planning raises before the model is touched; the message must still name the file.
+        wrapper = LoRAModelWrapper(base_model, config)
+    except ValueError as exc:
+        raise ValueError(f"{folder / CONFIG_NAME}: {exc}") from None
     try:
         check_base(recorded_fingerprint(folder / CONFIG_NAME), wrapper, strict=strict_base, source=str(folder))
-        load_tensors_into(wrapper, tensors, str(folder))
+        load_tensors_into(wrapper, tensors, str(weights_path(folder)))
     except BaseException:
         wrapper._restore_base()
         for name, param in base_model.named_parameters():
