@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
+from .init import modifies_base, without_base_init
 from .layers import LoRAConv1D
 # atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
 from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
@@ -84,7 +85,7 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
         "exclude_modules": None,
         "bias": cfg.bias,
         "use_rslora": cfg.use_rslora,
-        "init_lora_weights": cfg.init_lora_weights,
+        "init_lora_weights": True if modifies_base(cfg.init_lora_weights) else cfg.init_lora_weights,  # applied: never redo on load
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -306,7 +307,7 @@ def load_pretrained(
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
     try:
         # Planning raises before the model is touched; the message must still name the file.
-        wrapper = LoRAModelWrapper(base_model, config)
+        wrapper = LoRAModelWrapper(base_model, without_base_init(config))
     except ValueError as exc:
         raise ValueError(f"{folder / CONFIG_NAME}: {exc}") from None
     try:

@@ -14,10 +14,13 @@ from types import MappingProxyType
 from typing import Any, Literal, Union
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Union[bool, Literal["gaussian"]]
+InitMode = Union[bool, str]  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora"
 
 VALID_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
-VALID_INIT: tuple[object, ...] = (True, False, "gaussian")
+VALID_INIT: tuple[object, ...] = (True, False, "gaussian", "pissa", "olora")
+# Inits that rewrite the base weight to a residual (see hf_lora/init.py); "pissa_niter_<N>" too.
+BASE_INITS: tuple[str, ...] = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 TARGET_GROUPS: tuple[str, ...] = ("attention", "mlp", "embedding", "all-linear")
 
 # PEFT LoraConfig fields that change what the adapter computes. Loading a file that sets one of
@@ -113,7 +116,9 @@ class LoRAConfig:
         use_rslora: Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         init_lora_weights: ``True``: A kaiming-uniform, B zero (PEFT's default);
             ``"gaussian"``: A ~ N(0, (1/r)^2), B zero; ``False``: both random (tests only:
-            a fresh adapter then changes the outputs).
+            a fresh adapter then changes the outputs). ``"pissa"`` / ``"pissa_niter_<N>"`` /
+            ``"olora"`` build A and B from the base weight (SVD / randomized SVD with N
+            iterations / QR) and leave the residual in the base (see ``hf_lora/init.py``).
         rank_pattern: ``{pattern: r}`` overrides per module; a pattern matches a module when it
             equals the path, is a suffix of it, or full-matches it as a regex.
         alpha_pattern: ``{pattern: alpha}`` overrides, same matching.
@@ -155,8 +160,10 @@ class LoRAConfig:
             raise _fail("bias", self.bias, f"one of {', '.join(map(repr, VALID_BIAS))}")
         if not isinstance(self.use_rslora, bool):
             raise _fail("use_rslora", self.use_rslora, "True or False")
-        if not any(self.init_lora_weights is v or (isinstance(v, str) and self.init_lora_weights == v) for v in VALID_INIT):
-            raise _fail("init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        init = self.init_lora_weights
+        known = any(init is v or (isinstance(v, str) and init == v) for v in VALID_INIT)
+        if not known and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
+            raise _fail("init_lora_weights", init, "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1) or 'olora'")
         set_(self, "rank_pattern", _freeze_pattern("rank_pattern", self.rank_pattern, integer=True))
         set_(self, "alpha_pattern", _freeze_pattern("alpha_pattern", self.alpha_pattern, integer=False))
         modules = _as_str_tuple("modules_to_save", self.modules_to_save, allow_none=True)
