@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .analyze_cli import add_analyze_parser
 from .inspect_model import add_inspect_parser
 
 
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lora", description="LoRA adapters for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_inspect_parser(commands)
+    add_analyze_parser(commands)
     return parser
 
 
