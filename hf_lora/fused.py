@@ -1,0 +1,231 @@
+"""The fast path of `LoRALinear.forward`: the adapter branch as one autograd node.
+
+Run through plain autograd, ``result + B(A(dropout(x)) * scaling)`` stores for every adapted
+layer the dropped copy of the input and its mask (q, k and v read the same input, so three
+copies), and draws one random number per input element. `adapter_update` computes the same
+maths with one custom `torch.autograd.Function` that
+
+* saves only ``x`` (which the layer's neighbours usually hold already, so it costs nothing
+  extra), the two factors and the rank-r intermediate;
+* stores a 63-bit seed instead of the mask and regenerates the mask in backward;
+* draws the mask cheaply on CPU: the *positions* of dropped elements are sampled directly,
+  as cumulative sums of geometric gaps (the gaps between failures of i.i.d. Bernoulli trials
+  are geometric), so it costs ``p * numel`` random numbers instead of ``numel``; on other
+  devices it uses ``bernoulli_`` with a seeded generator;
+* folds ``1 / (1 - p)`` into ``scaling`` on the rank-r intermediate;
+* adds the update into the base output in place (``addmm_``) where that is safe.
+
+`applies` says whether a layer and its inputs qualify; `LoRALinear.forward` uses the plain
+formula otherwise. The seed comes from torch's global CPU generator, so ``torch.manual_seed``
+makes runs reproducible and activation checkpointing (which restores the RNG state before
+recomputing) replays the same mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["adapter_update", "applies", "draw_seed", "drop_positions", "dropout_keep_mask", "enabled", "use_fused"]
+
+_ENABLED = True
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Base layers whose output nothing else saves for backward, so it may be updated in place.
+_INPLACE_BASES = ("torch.nn.modules.linear.Linear", "bitsandbytes.nn.modules.Linear4bit",
+                  "bitsandbytes.nn.modules.Linear8bitLt")
+
+
+def enabled() -> bool:
+    """Whether the fast path is switched on (it is by default)."""
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def use_fused(on: bool) -> Iterator[None]:
+    """Switch the fast path on or off inside a ``with`` block (benchmarks, debugging).
+
+    Args:
+        on: ``False`` makes every `LoRALinear` run the plain autograd formula.
+    """
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(on)
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def draw_seed() -> int:
+    """A dropout seed drawn from torch's global CPU generator (reproducible, checkpoint-safe)."""
+    return int(torch.randint(2**62, (), dtype=torch.int64).item())
+
+
+def drop_positions(numel: int, p: float, seed: int) -> torch.Tensor:
+    """Sorted flat indices of the elements an i.i.d. Bernoulli(``p``) dropout zeroes (CPU).
+
+    Gaps between successive drops are geometric: ``gap = floor(log(1 - u) / log(1 - p)) + 1``
+    for uniform ``u``. The float32 uniforms make the law exact up to a 2**-24 tail, the same
+    resolution CUDA's own dropout uses.
+
+    Args:
+        numel: Number of elements of the (flattened) tensor.
+        p: Drop probability in ``(0, 1)``.
+        seed: Seed of the private generator; the same seed gives the same positions.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    log_keep = math.log1p(-p)
+    chunks: list[torch.Tensor] = []
+    last = -1
+    while last < numel:  # almost always one round; more only deep in the binomial tail
+        expected = (numel - last) * p
+        draws = int(expected + 8 * math.sqrt(expected) + 16)
+        uniform = torch.rand(draws, generator=generator)
+        gaps = uniform.neg_().log1p_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(last)
+        chunks.append(positions)
+        last = int(positions[-1])
+    positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return positions[: int(torch.searchsorted(positions, numel))]
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The boolean keep-mask the fast path uses for ``seed`` (for tests and inspection)."""
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
+    return _zero_dropped_(keep, p, seed)
+
+
+def _zero_dropped_(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Zero, in place, the elements of contiguous ``t`` that dropout ``(p, seed)`` drops."""
+    if t.device.type == "cpu":
+        return t.view(-1).index_fill_(0, drop_positions(t.numel(), p, seed), 0).view(t.shape)
+    generator = torch.Generator(device=t.device)
+    generator.manual_seed(seed)
+    keep = torch.empty(t.shape, dtype=torch.bool, device=t.device).bernoulli_(1 - p, generator=generator)
+    return t.mul_(keep)
+
+
+def _dropped_input(x2d: torch.Tensor, dtype: torch.dtype, p: float, seed: int) -> torch.Tensor:
+    """``x2d`` in ``dtype`` with dropped elements zeroed (not rescaled), never aliasing ``x2d``."""
+    if p == 0:
+        return x2d.to(dtype)
+    copy = x2d.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    return _zero_dropped_(copy, p, seed)
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    """``result + scale * (drop(x) @ A.T) @ B.T`` with ``scale = scaling / (1 - p)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+        scale: float, p: float, seed: int, dtype: torch.dtype, inplace: bool,
+    ) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x2d = x.reshape(-1, x.shape[-1])
+            hidden = _dropped_input(x2d, dtype, p, seed) @ weight_a.to(dtype).t()
+            hidden.mul_(scale)
+            b_t = weight_b.to(dtype).t()
+            out2d = result.view(-1, result.shape[-1]) if inplace else result.reshape(-1, result.shape[-1])
+            if result.dtype == dtype:
+                out2d = out2d.addmm_(hidden, b_t) if inplace else torch.addmm(out2d, hidden, b_t)
+            else:
+                out2d = out2d.add_(hidden @ b_t) if inplace else out2d + (hidden @ b_t).to(result.dtype)
+        ctx.save_for_backward(x, weight_a, weight_b, hidden)
+        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
+        if inplace:
+            ctx.mark_dirty(result)
+            return result
+        return out2d.view(result.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight_a, weight_b, hidden = ctx.saved_tensors
+        dtype, needs = ctx.dtype, ctx.needs_input_grad
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(x.device.type, enabled=False):
+            g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            if needs[3]:
+                grad_b = (g2d.t() @ hidden).to(weight_b.dtype)
+            if needs[1] or needs[2]:
+                grad_hidden = (g2d @ weight_b.to(dtype)).mul_(ctx.scale)
+                if needs[2]:
+                    x2d = x.reshape(-1, x.shape[-1])
+                    grad_a = (grad_hidden.t() @ _dropped_input(x2d, dtype, ctx.p, ctx.seed)).to(weight_a.dtype)
+                if needs[1]:
+                    grad_x = grad_hidden @ weight_a.to(dtype)
+                    if ctx.p:
+                        grad_x = _zero_dropped_(grad_x, ctx.p, ctx.seed)
+                    grad_x = grad_x.to(x.dtype).view(x.shape)
+        grad_result = grad_out if needs[0] else None
+        return grad_result, grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _plain(module: nn.Module, *types: type) -> bool:
+    # Hooks or an instance-level forward (accelerate's offload hooks) would be bypassed.
+    return (type(module) in types and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def applies(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether `adapter_update` computes exactly what the plain formula would for this call.
+
+    It does not for tensor subclasses, ``torch.compile`` tracing, hooked or replaced adapter
+    submodules, unusual dtypes, mixed devices, or a base output of an unexpected shape.
+    """
+    lora_a, lora_b, dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return False
+    if type(x) is not torch.Tensor or type(result) is not torch.Tensor:
+        return False
+    if not (_plain(lora_a, nn.Linear) and _plain(lora_b, nn.Linear) and _plain(dropout, nn.Dropout, nn.Identity)):
+        return False
+    if lora_a.bias is not None or lora_b.bias is not None or getattr(dropout, "inplace", False):
+        return False
+    weight_a, weight_b = lora_a.weight, lora_b.weight
+    if type(weight_a) is not nn.Parameter or type(weight_b) is not nn.Parameter:
+        return False
+    if weight_a.dtype != weight_b.dtype or weight_a.dtype not in _FLOAT_DTYPES:
+        return False
+    if x.dtype not in _FLOAT_DTYPES or result.dtype not in _FLOAT_DTYPES or x.numel() == 0:
+        return False
+    if not (x.device == result.device == weight_a.device == weight_b.device):
+        return False
+    if x.shape[-1] != weight_a.shape[1] or result.shape != x.shape[:-1] + (weight_b.shape[0],):
+        return False
+    return not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1)
+
+
+def adapter_update(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result + B(A(dropout(x)) * scaling)`` for a `LoRALinear`; call only when `applies`.
+
+    Args:
+        layer: The LoRA layer (its ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``).
+        x: The layer input.
+        result: The base layer's output for ``x``; updated in place when that is safe.
+
+    Returns:
+        The layer output, with the same dtype as ``result``.
+    """
+    dropout = layer.lora_dropout
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    seed = draw_seed() if p else 0
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)  # what autocast would run lora_A/lora_B in
+    else:
+        dtype = layer.lora_A.weight.dtype
+    inplace = (result._base is None and result.is_contiguous() and result.data_ptr() != x.data_ptr()
+               and _qualname(layer.base_layer) in _INPLACE_BASES and not (result.is_leaf and result.requires_grad))
+    scale = layer.scaling / (1.0 - p)
+    return _LoRAUpdate.apply(result, x, layer.lora_A.weight, layer.lora_B.weight, scale, p, seed, dtype, inplace)
