@@ -27,6 +27,41 @@ _ROUNDING_WARNING = (
 )
 
 
+_REPACKED_WARNING = (
+    "bitsandbytes had already repacked {count} 4-bit layer(s) for CPU inference before wrap (an eval "
+    "forward of the unwrapped model on a CPU with AVX512-BF16), which rounds their absmax to bf16. "
+    "hf_lora restored the standard layout; load the base again for bit-exact weights."
+)
+
+
+def keep_cpu_4bit_weights_fixed(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking any 4-bit layer of ``model`` for CPU inference.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad converts its
+    weight to a CPU-specific layout and rounds ``absmax`` to bf16; ``state_dict`` converts it
+    back. The frozen base must stay bit-identical through wrap, train, eval, save and merge,
+    and merging must be able to dequantize the standard layout, so every 4-bit layer (adapted
+    or not) gets ``support_avx512bf16_for_cpu = False``. A layer that was already repacked is
+    converted back (its rounding cannot be undone) with a warning. Returns how many were.
+    """
+    repacked = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            # Private, but it is what bitsandbytes itself calls before moving such a weight.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            repacked += 1
+    if repacked:
+        warnings.warn(_REPACKED_WARNING.format(count=repacked), UserWarning, stacklevel=3)
+    return repacked
+
+
 class LoRALinear4bit(LoRALinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit`` (NF4 / FP4, QLoRA)."""
 
@@ -67,6 +102,7 @@ class LoRALinear4bit(LoRALinear):
 
     def restore_base_weight(self, snapshot: Any) -> None:
         self.base_layer.weight = snapshot
+        self.base_layer.quant_state = snapshot.quant_state  # Params4bit set it to the merged one
 
 
 class LoRALinear8bit(LoRALinear):
@@ -75,10 +111,13 @@ class LoRALinear8bit(LoRALinear):
     def merge(self, keep_original: bool = True) -> None:
         super().merge(keep_original=True)
 
-    def read_base_weight(self) -> torch.Tensor:
+    def _scales(self) -> torch.Tensor:
+        # Row scales live on the weight until the first forward, which moves them to the state.
         weight = self.base_layer.weight
-        scale = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
-        return weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+        return weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
+
+    def read_base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.data.float() * (self._scales().float().unsqueeze(1) / 127.0)
 
     def write_base_weight(self, new_weight: torch.Tensor) -> None:
         import bitsandbytes.functional as bnbF
@@ -89,8 +128,7 @@ class LoRALinear8bit(LoRALinear):
         self._set_int8(codes, scales)
 
     def snapshot_base_weight(self) -> Any:
-        weight = self.base_layer.weight
-        return weight.data.clone(), weight.SCB.clone()
+        return self.base_layer.weight.data.clone(), self._scales().clone()
 
     def restore_base_weight(self, snapshot: Any) -> None:
         self._set_int8(*snapshot)
