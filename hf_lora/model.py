@@ -166,13 +166,19 @@ class LoRAModelWrapper(nn.Module):
         if enable is None:
             enable = self.base_model.gradient_checkpointing_enable
         enable(*args, **kwargs)
-        self.base_model.enable_input_require_grads()
+        self._enable_input_grads_once()
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Deprecated transformers alias of `activation_checkpointing_enable`."""
         enable = getattr(self.base_model, "gradient_checkpointing_enable")
         enable(*args, **kwargs)
-        self.base_model.enable_input_require_grads()
+        self._enable_input_grads_once()
+
+    def _enable_input_grads_once(self) -> None:
+        # The base's own enable often installs the hook already; a second call would replace
+        # the stored handle and leave an orphan hook that disable_input_require_grads() misses.
+        if not getattr(self.base_model, "_require_grads_hooks", None):
+            self.base_model.enable_input_require_grads()
 
     # --- adapter state ------------------------------------------------------------------------
 
