@@ -1,0 +1,325 @@
+"""Crashes and full disks: SIGKILL during saves and training, read-only and full output folders."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama
+from safetensors.torch import load_file
+
+from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
+from hf_lora import checkpoint as ckpt
+from hf_lora.resume import (
+    INCOMPLETE_PREFIX,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    set_aside_incomplete_checkpoints,
+)
+from hf_lora.safe_io import TEMP_SUFFIX, atomic_write
+
+TESTS = Path(__file__).parent
+FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+CONFIG = LoRAConfig(r=4, lora_alpha=8, target_modules=["attention"])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in FILES}
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(TEMP_SUFFIX))
+
+
+def _saved(tmp_path: Path) -> tuple[LoRAModelWrapper, Path]:
+    model = wrap(make_llama(), LoRAConfig(r=4, lora_alpha=8, target_modules=["attention"], init_lora_weights=False))
+    folder = tmp_path / "adapter"
+    model.save_pretrained(str(folder))
+    return model, folder
+
+
+# --- SIGKILL during save_pretrained ------------------------------------------------------------
+
+
+def _ask(proc: subprocess.Popen, line: str, expect: str) -> str:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    answer = proc.stdout.readline().strip()
+    assert answer.startswith(expect), (answer, proc.stderr.read() if proc.poll() is not None else "")
+    return answer[len(expect):].strip()
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_leaves_previous_or_new_complete_adapter(tmp_path):
+    """Kill a real writer process at random instants inside save_pretrained, many times.
+
+    After every kill the folder must load (``from_pretrained``) and hold exactly one version:
+    every tensor equal to one fill value, config and card from a whole save. Leftover
+    temporary files are allowed but never read.
+    """
+    folder = tmp_path / "adapter"
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "_kill_writer.py"), str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    kills, versions, mid_save, leftovers = 40, set(), 0, 0
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready and ready[0] == "ready", proc.stderr.read()
+        save_seconds = float(ready[1])
+        rng = random.Random(0)
+        base = make_llama(hidden_size=128, intermediate_size=256)
+        expected_config = (folder / "adapter_config.json").read_bytes()
+        size = (folder / "adapter_model.safetensors").stat().st_size
+        previous = 0.0
+        for trial in range(kills):
+            first = (trial + 1) * 1_000_000  # this writer writes first, first + 1, ...
+            pid = int(_ask(proc, f"fork {first}", "pid "))
+            time.sleep(rng.uniform(0, 3 * save_seconds))
+            os.kill(pid, signal.SIGKILL)
+            assert _ask(proc, f"reap {pid}", "reaped ") == str(int(signal.SIGKILL))
+            temps = _temps(folder)
+            leftovers += bool(temps)
+            mid_save += bool(temps)
+            assert (folder / "adapter_config.json").read_bytes() == expected_config
+            assert (folder / "adapter_model.safetensors").stat().st_size == size
+            loaded = LoRAModelWrapper.from_pretrained(copy.deepcopy(base), str(folder))
+            values = {float(v) for p in loaded.adapter_parameters().values() for v in p.detach().unique()}
+            assert len(values) == 1, f"kill {trial}: tensors from several saves: {sorted(values)[:5]}"
+            value = values.pop()
+            assert value == previous or value >= first, (value, previous, first)
+            versions.add(value)
+            previous = value
+    finally:
+        if proc.poll() is None:
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+    print(f"\nsave kill test: {kills} SIGKILLs, {len(versions)} distinct complete versions loaded, "
+          f"{mid_save} kills left temp files (a write was in progress), save takes {save_seconds * 1e3:.1f} ms, "
+          f"weights file {size / 1e6:.2f} MB")
+    assert len(versions) > 1, "no kill landed after a completed save; the delays are too short"
+    assert mid_save > 0, "no kill landed inside a write; the delays are too long"
+
+
+def test_leftover_temp_files_are_ignored_by_loading(tmp_path):
+    model, folder = _saved(tmp_path)
+    expected = {k: v.clone() for k, v in model.adapter_parameters().items()}
+    # What a killed writer leaves: staged files with the final names' prefix, half written.
+    (folder / f".adapter_model.safetensors.abc{TEMP_SUFFIX}").write_bytes(b"\x00" * 17)
+    (folder / f".adapter_config.json.def{TEMP_SUFFIX}").write_text('{"r": 999, "target_')
+    loaded = LoRAModelWrapper.from_pretrained(make_llama(), str(folder))
+    for key, value in loaded.adapter_parameters().items():
+        assert torch.equal(value, expected[key])
+    model.save_pretrained(str(folder))  # saving again works beside them
+    assert len(_temps(folder)) == 2
+
+
+def test_weights_saved_with_other_settings_than_the_config_warn(tmp_path):
+    """A crash between the renames (or files of two adapters) pairs new weights with an old config."""
+    _, folder = _saved(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_alpha"] = 32
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"lora_alpha=8 with the weights, 32 in the config"):
+        LoRAModelWrapper.from_pretrained(make_llama(), str(folder))
+
+
+# --- disk full / read-only ---------------------------------------------------------------------
+
+
+def test_disk_full_names_the_path_and_keeps_previous_adapter(tmp_path, monkeypatch):
+    model, folder = _saved(tmp_path)
+    before = _snapshot(folder)
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")  # what a writer leaves when the disk fills up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with torch.no_grad():
+        next(iter(model.adapter_parameters().values())).add_(1.0)
+    with pytest.raises(OSError, match=r"Could not write '.*adapter_model\.safetensors': No space left on device") as info:
+        model.save_pretrained(str(folder))
+    assert info.value.errno == errno.ENOSPC
+    assert _snapshot(folder) == before
+    assert _temps(folder) == []
+
+
+def test_safetensors_io_error_is_reported_as_oserror(tmp_path):
+    # safetensors raises SafetensorError("... (os error 28)") on a real full disk; it must become ENOSPC.
+    from safetensors import SafetensorError
+
+    def failing(tmp: str) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError, match=r"Could not write '.*out\.bin': No space left on device") as info:
+        atomic_write(tmp_path / "out.bin", failing)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_folder_names_the_path_and_keeps_previous_adapter(tmp_path, monkeypatch):
+    model, folder = _saved(tmp_path)
+    before = _snapshot(folder)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    with pytest.raises(PermissionError, match=r"Could not write '.*adapter_model\.safetensors': Permission denied"):
+        model.save_pretrained(str(folder))
+    assert _snapshot(folder) == before
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_real_full_disk_and_read_only_mount(tmp_path):
+    """The same on real file systems: a 64 KB tmpfs that fills up, then a read-only remount."""
+    mount = tmp_path / "small"
+    if not _mount_tmpfs(mount, "size=64k"):
+        pytest.skip("needs root and mount to create a small tmpfs")
+    try:
+        small = wrap(make_llama(), CONFIG)
+        folder = mount / "adapter"
+        small.save_pretrained(str(folder))
+        before = _snapshot(folder)
+        big = wrap(make_llama(), LoRAConfig(r=32, target_modules=["attention", "mlp"]))
+        with pytest.raises(OSError, match=r"Could not write '.*adapter_model\.safetensors': No space left") as info:
+            big.save_pretrained(str(folder))
+        assert info.value.errno == errno.ENOSPC
+        assert _snapshot(folder) == before and _temps(folder) == []
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        with pytest.raises(OSError, match=r"Could not write '.*adapter_model\.safetensors': Read-only file system"):
+            small.save_pretrained(str(folder))
+        assert _snapshot(folder) == before
+        LoRAModelWrapper.from_pretrained(make_llama(), str(folder))
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_by_permissions(tmp_path):
+    model, folder = _saved(tmp_path)
+    before = _snapshot(folder)
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"Could not write '.*adapter_model\.safetensors'"):
+            model.save_pretrained(str(folder))
+    finally:
+        folder.chmod(0o755)
+    assert _snapshot(folder) == before
+
+
+# --- Trainer checkpoints -----------------------------------------------------------------------
+
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"base_model.x": torch.ones(4)}, str(path / "model.safetensors"))
+    torch.save({"state": {}}, path / "optimizer.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_checkpoint_problem_names_what_is_wrong(tmp_path):
+    assert checkpoint_problem(_fake_checkpoint(tmp_path, 2)) is None
+    no_state = _fake_checkpoint(tmp_path, 4)
+    (no_state / "trainer_state.json").unlink()
+    assert "trainer_state.json is missing" in checkpoint_problem(no_state)
+    truncated = _fake_checkpoint(tmp_path, 6)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-3])
+    assert "model.safetensors is truncated" in checkpoint_problem(truncated)
+    bad_optimizer = _fake_checkpoint(tmp_path, 8)
+    (bad_optimizer / "optimizer.pt").write_bytes((bad_optimizer / "optimizer.pt").read_bytes()[:40])
+    assert "optimizer.pt is truncated" in checkpoint_problem(bad_optimizer)
+    wrong_step = _fake_checkpoint(tmp_path, 10)
+    (wrong_step / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
+    assert "global_step=9, not 10" in checkpoint_problem(wrong_step)
+    no_weights = _fake_checkpoint(tmp_path, 12)
+    (no_weights / "model.safetensors").unlink()
+    assert "no weights file" in checkpoint_problem(no_weights)
+
+
+def test_last_complete_checkpoint_skips_incomplete_ones(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 2)
+    newest = _fake_checkpoint(tmp_path, 10)
+    (newest / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    with caplog.at_level("WARNING", logger="hf_lora.resume"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert f"Skipping incomplete checkpoint {newest}: trainer_state.json is missing" in caplog.text
+    moved = set_aside_incomplete_checkpoints(tmp_path)
+    assert moved == [tmp_path / f"{INCOMPLETE_PREFIX}checkpoint-10"] and moved[0].is_dir()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+TRAIN_CHILD = TESTS / "_train_child.py"
+
+
+def _train(out: Path, *, resume: bool, pause_step: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN_CHILD), str(TESTS), str(out), "1" if resume else "0", str(pause_step)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_training_killed_mid_save_resumes_to_the_same_adapter(tmp_path):
+    """SIGKILL a Trainer run inside its step-4 save, resume with resume_from_checkpoint=True.
+
+    The step-4 folder is incomplete (no trainer_state.json): Trainer alone would pick it;
+    SkipIncompleteCheckpoints sets it aside, the run resumes from step 2 and ends with the
+    adapter of an uninterrupted run, bit for bit.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    uninterrupted = _train(reference, resume=False)
+    killed = _train(crashed, resume=False, pause_step=4)
+    deadline = time.monotonic() + 240
+    while not (crashed / "PAUSED").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stdout.read()
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert "trainer_state.json is missing" in checkpoint_problem(crashed / "checkpoint-4")
+    assert get_last_checkpoint(str(crashed)) == str(crashed / "checkpoint-4")  # what Trainer would load
+    (crashed / "PAUSED").unlink()
+    resumed = _train(crashed, resume=True)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "set aside as" in log and f"{INCOMPLETE_PREFIX}checkpoint-4" in log
+    reference_log = uninterrupted.communicate(timeout=300)[0]
+    assert uninterrupted.returncode == 0, reference_log
+    assert "DONE 8" in log and "DONE 8" in reference_log
+    expected = load_file(str(reference / "final" / "adapter_model.safetensors"))
+    got = load_file(str(crashed / "final" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys() and len(expected) == 16  # q,k,v,o x 2 layers x A,B
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    b_key = next(k for k in expected if "lora_B" in k)
+    assert not torch.equal(expected[b_key], torch.zeros_like(expected[b_key]))  # training moved B
