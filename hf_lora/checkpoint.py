@@ -24,6 +24,7 @@ from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .init import modifies_base, without_base_init
 from .layers import LoRAConv1D
+from .peft_compat import drop_absent_modules_to_save, task_type_for_peft
 # atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
 from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
 from .state import lora_layers, peft_key
@@ -56,10 +57,11 @@ def _base_name_or_path(base: nn.Module) -> str | None:
 
 
 def _task_type(wrapper: "LoRAModelWrapper") -> str | None:
-    if wrapper.lora_config.task_type:
-        return wrapper.lora_config.task_type
-    name = type(wrapper.base_model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    task = wrapper.lora_config.task_type
+    if not task:
+        name = type(wrapper.base_model).__name__
+        task = next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    return task_type_for_peft(task, wrapper.base_model)  # PEFT must not expect an unsaved head
 
 
 def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
@@ -301,7 +303,7 @@ def load_pretrained(
     from .model import LoRAModelWrapper
 
     folder = resolve_adapter_folder(model_id, revision=revision, token=token, subfolder=subfolder)
-    config = read_config(folder)
+    config = drop_absent_modules_to_save(read_config(folder), base_model, str(folder / CONFIG_NAME))
     tensors = read_tensors(folder)
     check_same_save(folder)
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}

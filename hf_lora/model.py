@@ -27,6 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .config import LoRAConfig
 from .init import check_base_init, init_from_base
 from .layers import LoRALayer, TrainedCopy
+from .quantized import keep_cpu_4bit_weights_fixed
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
 from .tying import check_untied, untie_base_weights
@@ -112,6 +113,7 @@ class LoRAModelWrapper(nn.Module):
             raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
         check_base_init([(t.path, t.lora_class) for t in plan], config.init_lora_weights, base_model)
         super().__init__()
+        keep_cpu_4bit_weights_fixed(base_model)  # bnb would otherwise alter the frozen 4-bit base
         self.lora_config = config
         self.peft_target_modules = peft_target_modules(base_model, [t.path for t in plan])
         for target in plan:
