@@ -92,7 +92,7 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
         "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for _, layer in layers),
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "lora_bias": False,
     }
 

@@ -26,7 +26,6 @@ TARGET_GROUPS: tuple[str, ...] = ("attention", "mlp", "embedding", "all-linear")
 # PEFT LoraConfig fields that change what the adapter computes. Loading a file that sets one of
 # them to a non-default value would silently give wrong outputs, so it is refused instead.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, object] = {
-    "use_dora": False,
     "layers_to_transform": None,
     "layers_pattern": None,
     "lora_bias": False,
@@ -114,6 +113,8 @@ class LoRAConfig:
         exclude_modules: Same syntax; matching modules are never adapted.
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
         use_rslora: Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output feature times
+            the normalised direction ``W + scaling * B A`` (see ``hf_lora/dora.py``).
         init_lora_weights: ``True``: A kaiming-uniform, B zero (PEFT's default);
             ``"gaussian"``: A ~ N(0, (1/r)^2), B zero; ``False``: both random (tests only:
             a fresh adapter then changes the outputs). ``"pissa"`` / ``"pissa_niter_<N>"`` /
@@ -137,6 +138,7 @@ class LoRAConfig:
     exclude_modules: Union[str, tuple[str, ...], None] = None
     bias: BiasMode = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: InitMode = True
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
@@ -160,6 +162,8 @@ class LoRAConfig:
             raise _fail("bias", self.bias, f"one of {', '.join(map(repr, VALID_BIAS))}")
         if not isinstance(self.use_rslora, bool):
             raise _fail("use_rslora", self.use_rslora, "True or False")
+        if not isinstance(self.use_dora, bool):
+            raise _fail("use_dora", self.use_dora, "True or False")
         init = self.init_lora_weights
         known = any(init is v or (isinstance(v, str) and init == v) for v in VALID_INIT)
         if not known and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):

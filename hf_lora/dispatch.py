@@ -55,12 +55,16 @@ def find_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-def lora_class_for(module: nn.Module, path: str) -> type[LoRALayer]:
-    """The LoRA class for ``module``; ``ValueError`` naming the path and type if unsupported."""
+def lora_class_for(module: nn.Module, path: str, *, use_dora: bool = False) -> type[LoRALayer]:
+    """The LoRA (or, with ``use_dora``, DoRA) class for ``module``; ``ValueError`` naming the path and type if unsupported."""
     kind = find_kind(module)
     if kind is None:
         raise ValueError(
             f"Cannot put a LoRA adapter on module {path!r} of type {type(module).__module__}."
             f"{type(module).__qualname__}; supported types: {SUPPORTED_TYPES}."
         )
+    if use_dora:
+        from .dora import dora_class_for
+
+        return dora_class_for(kind.lora_class, path)
     return kind.lora_class

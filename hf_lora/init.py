@@ -117,8 +117,9 @@ def init_from_base(layer: LoRALayer, init: object) -> None:
         b, a = u * root, root[:, None] * vh
     layer.lora_A.weight.copy_(a)
     layer.lora_B.weight.copy_(b)
-    residual = layer.read_base_weight() - layer.delta_weight()
-    layer.write_base_weight(residual)
+    # s B A itself, not layer.delta_weight(): for DoRA layers that is W' - W.
+    lora = _linear_view(layer, (b @ a) * scaling)
+    layer.write_base_weight(layer.read_base_weight() - lora)
 
 
 # --- after training: conversion for the original base ------------------------------------------
@@ -139,6 +140,8 @@ def lora_delta_tensors(wrapper: object, initial: Mapping[str, torch.Tensor]) -> 
     """
     from .checkpoint import adapter_tensors
 
+    if wrapper.lora_config.use_dora:
+        raise ValueError("save_as_lora cannot convert a DoRA adapter: its change to W is not B A - B0 A0. Save it with save_pretrained and keep the residual base.")
     tensors = adapter_tensors(wrapper)
     for path, layer in lora_layers(wrapper.base_model):
         for key, dim, sign in zip(_factor_keys(path, layer), (0, 1), (1.0, -1.0)):

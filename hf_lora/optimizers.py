@@ -49,6 +49,8 @@ def _lora_roles(model: nn.Module) -> dict[int, str]:
                 role = "lora_B"
             elif attribute == "lora_A":
                 role = "lora_A"
+            elif attribute == "lora_magnitude_vector":
+                role = "no_decay"  # DoRA magnitude: decay would pull the weight norms toward zero
             else:
                 continue  # other adapter tensors (e.g. DoRA magnitude) train at the base rate
             for param in params:

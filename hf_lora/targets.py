@@ -135,7 +135,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             continue
         if any(path.startswith(t.path + ".") for t in plan):
             continue  # inside a module that is already being adapted
-        lora_class = lora_class_for(module, path)
+        lora_class = lora_class_for(module, path, use_dora=config.use_dora)
         r = config.rank_for(path)
         target = Target(path, module, lora_class, r, config.scaling_for(path))
         _check_rank(target)
