@@ -167,10 +167,11 @@ def compare_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -
         return []  # written by a newer hf_lora: nothing we know how to compare
     diffs = []
     saved_shapes, current_shapes = saved.get("shapes", {}), current.get("shapes", {})
-    for leaf in sorted(set(saved_shapes) | set(current_shapes)):
-        if saved_shapes.get(leaf) != current_shapes.get(leaf):
-            diffs.append(f"{leaf} weight shapes {saved_shapes.get(leaf)} (saved) vs {current_shapes.get(leaf)} (this base)")
-    if saved.get("num_layers") != current.get("num_layers"):
+    # Only modules adapted on both sides are comparable (load_adapter may target other ones).
+    for leaf in sorted(set(saved_shapes) & set(current_shapes)):
+        if saved_shapes[leaf] != current_shapes[leaf]:
+            diffs.append(f"{leaf} weight shapes {saved_shapes[leaf]} (saved) vs {current_shapes[leaf]} (this base)")
+    if set(saved_shapes) == set(current_shapes) and saved.get("num_layers") != current.get("num_layers"):
         diffs.append(f"{saved.get('num_layers')} adapted layers (saved) vs {current.get('num_layers')} (this base)")
     current_sampled = current.get("sampled", {})
     differing = [path for path, entry in saved.get("sampled", {}).items()

@@ -158,6 +158,23 @@ class LoRAModelWrapper(nn.Module):
             )
         return super().to(*args, **kwargs)
 
+    # nn.Module's dtype shortcuts bypass to(); route them through it so the guard applies.
+    def half(self) -> "LoRAModelWrapper":
+        """``to(torch.float16)``; refused for a quantized base."""
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "LoRAModelWrapper":
+        """``to(torch.bfloat16)``; refused for a quantized base."""
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "LoRAModelWrapper":
+        """``to(torch.float32)``; refused for a quantized base."""
+        return self.to(torch.float32)
+
+    def double(self) -> "LoRAModelWrapper":
+        """``to(torch.float64)``; refused for a quantized base."""
+        return self.to(torch.float64)
+
     def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Enable the base's activation checkpointing and make its inputs require grad.
 

@@ -153,3 +153,12 @@ def test_quantized_base_hashes_quantized_bytes(tmp_path, quantized_bases):
         LoRAModelWrapper.from_pretrained(load_quantized(other, 4), str(folder), strict_base=True)
     with pytest.raises(ValueError, match="weights differ in sampled layers"):
         LoRAModelWrapper.from_pretrained(make_llama(seed=1), str(folder), strict_base=True)
+
+
+def test_depth_difference_is_named_and_other_targets_are_not_a_difference(tmp_path):
+    _, folder = _saved_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"14 adapted layers \(saved\) vs 21 \(this base\)"):
+        LoRAModelWrapper.from_pretrained(make_llama(seed=0, num_hidden_layers=3), str(folder), strict_base=True)
+    saved = json.loads((folder / "adapter_config.json").read_text())[FINGERPRINT_KEY]
+    attention_only = base_fingerprint(wrap(make_llama(seed=0), LoRAConfig(r=2, target_modules=["attention"])))
+    assert compare_fingerprints(saved, attention_only) == []
