@@ -98,8 +98,13 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
 
 
 def adapter_tensors(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's keys, contiguous, on CPU (ready for safetensors)."""
-    return {peft_key(path): p.detach().to("cpu").contiguous() for path, p in wrapper.adapter_parameters().items()}
+    """Adapter tensors under PEFT's keys, contiguous, on CPU (ready for safetensors).
+
+    Zero padding that adapter switching adds beyond the active adapter's rank is trimmed.
+    """
+    from .adapters import logical_adapter_state
+
+    return {peft_key(path): p.detach().to("cpu").contiguous() for path, p in logical_adapter_state(wrapper).items()}
 
 
 def save_adapter(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str], **card_fields: Any) -> Path:

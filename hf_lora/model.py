@@ -27,6 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .config import LoRAConfig
 from .init import check_base_init, init_from_base
 from .layers import LoRALayer, TrainedCopy
+from .multi_adapter import MultiAdapterMixin
 from .quantized import keep_cpu_4bit_weights_fixed
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
@@ -76,7 +77,7 @@ def _replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class LoRAModelWrapper(nn.Module):
+class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
     """A transformers model with LoRA adapters injected. Build it with `wrap`.
 
     Attributes:
@@ -319,10 +320,18 @@ class LoRAModelWrapper(nn.Module):
     # --- files ------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str, *, is_main_process: bool = True, **card_fields: Any) -> None:
-        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md`` card (PEFT layout)."""
+        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md`` card (PEFT layout).
+
+        With several adapters loaded (`load_adapter`), ``"default"`` goes in ``save_directory`` and
+        each other adapter in ``save_directory/<name>`` (`save_adapters`).
+        """
         from .checkpoint import save_adapter
 
-        if is_main_process:
+        if not is_main_process:
+            return
+        if len(self.adapters) > 1 or self.active_adapter != "default":
+            self.save_adapters(save_directory, **card_fields)
+        else:
             save_adapter(self, save_directory, **card_fields)
 
     @classmethod
