@@ -49,10 +49,19 @@ def inspect_model(model: nn.Module, config: LoRAConfig) -> InspectReport:
 
 
 def _meta_model(model_id: str, trust_remote_code: bool = False) -> nn.Module:
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the model config of {model_id!r}: a folder with config.json or a Hub id ({exc})") from None
+    # The class the checkpoint was saved from (a classifier has a head a causal-LM class lacks).
+    architecture = next(iter(getattr(config, "architectures", None) or []), None)
+    model_class = getattr(transformers, architecture, None) if architecture else None
     with torch.device("meta"):
+        if model_class is not None:
+            return model_class(config)
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
