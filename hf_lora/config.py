@@ -40,7 +40,10 @@ _UNSUPPORTED_PEFT_FIELDS: dict[str, object] = {
 
 
 def _fail(name: str, value: object, valid: str) -> ValueError:
-    return ValueError(f"LoRAConfig.{name}={value!r} is invalid: expected {valid}.")
+    shown = repr(value)
+    if len(shown) > 200:  # a hostile config file can hold megabytes in one field
+        shown = f"{shown[:100]}...<{len(shown) - 150} characters>...{shown[-50:]}"
+    return ValueError(f"LoRAConfig.{name}={shown} is invalid: expected {valid}.")
 
 
 def _check_regex(name: str, pattern: str) -> None:
@@ -72,10 +75,20 @@ def _as_str_tuple(name: str, value: object, *, allow_none: bool) -> tuple[str, .
     raise _fail(name, value, "a string or a list of strings")
 
 
+# Bounds that keep hostile config files from overflowing float maths; no layer is this wide.
+MAX_RANK = 2**31 - 1
+_MAX_NUMBER = 1e300
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK
+
+
 def _is_positive_number(value: object) -> bool:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
+        and abs(value) <= _MAX_NUMBER  # huge ints would overflow float maths later
         and math.isfinite(value)
         and value > 0
     )
@@ -90,7 +103,7 @@ def _freeze_pattern(name: str, value: object, *, integer: bool) -> Mapping[str, 
         if not isinstance(key, str) or not key:
             raise _fail(name, value, "non-empty string keys")
         _check_regex(name, key)
-        ok = (isinstance(val, int) and not isinstance(val, bool) and val > 0) if integer else _is_positive_number(val)
+        ok = _is_rank(val) if integer else _is_positive_number(val)
         if not ok:
             kind = "positive integers" if integer else "positive finite numbers"
             raise _fail(name, value, f"{kind} as values (bad entry {key!r}: {val!r})")
@@ -148,8 +161,8 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised values are written once, here
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise _fail("r", self.r, "a positive integer (typical values: 4, 8, 16, 64)")
+        if not _is_rank(self.r):
+            raise _fail("r", self.r, f"a positive integer up to {MAX_RANK} (typical values: 4, 8, 16, 64)")
         if not _is_positive_number(self.lora_alpha):
             raise _fail("lora_alpha", self.lora_alpha, "a positive finite number (commonly 2 * r)")
         dropout = self.lora_dropout
