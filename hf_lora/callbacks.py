@@ -53,12 +53,15 @@ def _names(items: list[str]) -> str:
     return shown + (f" (+{len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else "")
 
 
+def _reentrant_checkpointing(args: TrainingArguments) -> bool:
+    # transformers defaults use_reentrant to False when no kwargs are given.
+    return bool(args.gradient_checkpointing) and bool((args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
+
+
 def _gradient_error(report: GradientReport, args: TrainingArguments) -> RuntimeError:
     lines = ["hf_lora: after the first optimizer step some adapter tensors have no usable gradient, so they would not train."]
     if report.missing:
-        reentrant = bool(args.gradient_checkpointing) and bool(
-            (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)
-        )
+        reentrant = _reentrant_checkpointing(args)
         lines += [
             f"No gradient (not part of the backward graph): {_names(report.missing)}. Likely causes:",
             "  - reentrant gradient checkpointing over inputs that do not require grad"
@@ -145,6 +148,12 @@ class LoRACallback(TrainerCallback):
                     "hf_lora: re-froze %d parameters that are not adapter state: %s. To train a whole module, "
                     "list it in LoRAConfig(modules_to_save=[...]).", len(stray), _names(stray),
                 )
+        if _reentrant_checkpointing(args) and not getattr(model.base_model, "_require_grads_hooks", None):
+            logger.warning(
+                "hf_lora: reentrant gradient checkpointing is on but the input embeddings' output does not "
+                "require grad (no input-grad hook), so adapters inside checkpointed blocks get no gradient. "
+                "Call hf_lora.prepare_for_kbit_training(model) or use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
         if state.is_world_process_zero:
             trainable, total = model.trainable_parameters()
             logger.info(

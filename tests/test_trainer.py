@@ -154,7 +154,7 @@ class DropInputGradHook(TrainerCallback):
         model.get_base_model().disable_input_require_grads()
 
 
-def test_gradient_guard_fires_on_reentrant_checkpointing_without_input_grads(tmp_path):
+def test_gradient_guard_fires_on_reentrant_checkpointing_without_input_grads(tmp_path, caplog):
     # lm_head is adapted too, so the loss still requires grad and backward runs; the layers'
     # adapters sit inside reentrant checkpoints whose inputs do not require grad.
     model = lora_llama(target_modules=["q_proj", "v_proj", "lm_head"])
@@ -162,9 +162,12 @@ def test_gradient_guard_fires_on_reentrant_checkpointing_without_input_grads(tmp
                         gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(4),
                       callbacks=[DropInputGradHook(), LoRACallback()])
-    with pytest.raises(RuntimeError, match=r"(?s)No gradient.*layers\.0\.self_attn\.q_proj\.lora_A.*use_reentrant=True"):
-        trainer.train()
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        with pytest.raises(RuntimeError, match=r"(?s)No gradient.*layers\.0\.self_attn\.q_proj\.lora_A.*use_reentrant=True"):
+            trainer.train()
     assert trainer.state.global_step == 0  # stopped before the first optimizer step was taken
+    # The callback saw the missing hook at train begin and said so before the first step.
+    assert sum("no input-grad hook" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_gradient_guard_fires_on_a_merged_layer(tmp_path):
@@ -248,12 +251,16 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_trains_every_adapter(tmp_path, reentrant):
+def test_gradient_checkpointing_trains_every_adapter(tmp_path, caplog, reentrant):
     model = lora_llama()
     before = adapter_snapshot(model)
     args = trainer_args(tmp_path, max_steps=3, gradient_checkpointing=True,
                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    Trainer(model=model, args=args, train_dataset=token_dataset(4), callbacks=[LoRACallback()]).train()
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        Trainer(model=model, args=args, train_dataset=token_dataset(4), callbacks=[LoRACallback()]).train()
+    assert not [r for r in caplog.records if "input-grad hook" in r.getMessage()]
+    model.base_model.disable_input_require_grads()  # the hook was installed once, so it can be removed
+    assert not model.base_model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
     assert model.base_model.is_gradient_checkpointing
     changed = [k for k, v in model.adapter_parameters().items() if not torch.equal(v, before[k])]
     assert sorted(changed) == sorted(before)
