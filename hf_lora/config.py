@@ -46,11 +46,61 @@ def _fail(name: str, value: object, valid: str) -> ValueError:
     return ValueError(f"LoRAConfig.{name}={shown} is invalid: expected {valid}.")
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
         raise _fail(name, pattern, f"a valid regular expression ({exc})") from None
+    _check_backtracking(name, pattern)
+
+
+def _check_backtracking(name: str, pattern: str) -> None:
+    """Refuse patterns whose matching time can explode, such as ``(.*)*x``.
+
+    Patterns come from downloaded config files and Python's ``re`` has no timeout: a repetition
+    inside a repetition (or an alternation inside one) makes a 40-character module path take
+    longer than the universe's age to reject. Module patterns never need that shape.
+    """
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return  # compile() above already accepted it; nothing more to learn
+    constants = sre_parse  # opcode names are attributes of the parser module
+    repeats = {constants.MAX_REPEAT, constants.MIN_REPEAT}
+
+    def risky(items: Any, inside_repeat: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                low, high, body = av
+                repeated = high > 1
+                if (repeated and inside_repeat) or risky(body, inside_repeat or repeated):
+                    return True
+            elif op == constants.BRANCH:
+                if inside_repeat or any(risky(branch, inside_repeat) for branch in av[1]):
+                    return True
+            elif op == constants.SUBPATTERN:
+                if risky(av[-1], inside_repeat):
+                    return True
+            elif op in (constants.ASSERT, constants.ASSERT_NOT):
+                if risky(av[1], inside_repeat):
+                    return True
+        return False
+
+    if risky(parsed, False):
+        raise _fail(name, pattern, "a regular expression without a repetition or alternation inside a repetition "
+                                   "(such patterns can take exponential time to match)")
 
 
 def _as_str_tuple(name: str, value: object, *, allow_none: bool) -> tuple[str, ...] | str | None:
@@ -71,12 +121,21 @@ def _as_str_tuple(name: str, value: object, *, allow_none: bool) -> tuple[str, .
         for item in items:
             if not isinstance(item, str) or not item:
                 raise _fail(name, value, "a list of non-empty strings")
+        items = tuple(dict.fromkeys(items))  # duplicates change nothing but cost matching time
+        if len(items) > MAX_LIST_ENTRIES:
+            # Every entry is matched against every module path: a hostile list would stall loading.
+            raise _fail(name, f"<list of {len(items)} names>",
+                        f"at most {MAX_LIST_ENTRIES} entries; use a group or a regular expression")
+        for item in items:  # entries are also tried as regular expressions when they compile
+            if _compiles(item):
+                _check_backtracking(name, item)
         return items
     raise _fail(name, value, "a string or a list of strings")
 
 
 # Bounds that keep hostile config files from overflowing float maths; no layer is this wide.
 MAX_RANK = 2**31 - 1
+MAX_LIST_ENTRIES = 10_000
 _MAX_NUMBER = 1e300
 
 
