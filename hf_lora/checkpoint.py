@@ -24,7 +24,7 @@ from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .init import modifies_base, without_base_init
 from .layers import LoRAConv1D
-from .peft_compat import drop_absent_modules_to_save, task_type_for_peft
+from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys, task_type_for_peft
 # atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
 from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
 from .state import lora_layers, peft_key
@@ -309,7 +309,7 @@ def load_pretrained(
 
     folder = resolve_adapter_folder(model_id, revision=revision, token=token, subfolder=subfolder)
     config = drop_absent_modules_to_save(read_config(folder), base_model, str(folder / CONFIG_NAME))
-    tensors = read_tensors(folder)
+    tensors = drop_duplicate_head_keys(read_tensors(folder))
     check_same_save(folder)
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
     try:

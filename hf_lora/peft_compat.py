@@ -8,7 +8,9 @@ when it loads one, and it ignores entries that match no module. Two consequences
   entries that match nothing, as PEFT does;
 * a file we write with ``task_type="SEQ_CLS"`` but without the head in ``modules_to_save``
   would make PEFT look for head weights that are not in it: the task type is then omitted,
-  and PEFT loads the adapter as a plain ``PeftModel`` with the same outputs.
+  and PEFT loads the adapter as a plain ``PeftModel`` with the same outputs;
+* with ``bias="all"`` PEFT also writes a trained head's bias a second time under
+  ``<head>.modules_to_save.bias``: the duplicate is dropped on load.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import logging
 import re
 
+import torch
 from torch import nn
 
 from .config import LoRAConfig
@@ -75,3 +78,21 @@ def drop_absent_modules_to_save(config: LoRAConfig, model: nn.Module, source: st
     dropped = [entry for entry in config.modules_to_save if entry not in kept]
     logger.info("%s: modules_to_save entries %s match no module of this model; ignored (as PEFT does).", source, dropped)
     return dataclasses.replace(config, modules_to_save=kept or None)
+
+
+def drop_duplicate_head_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second copy PEFT writes of a ``modules_to_save`` bias under ``bias="all"``.
+
+    With ``bias="all"`` PEFT saves every tensor whose name holds ``bias``, which includes the
+    trained head's own ``<head>.modules_to_save.bias`` next to the regular ``<head>.bias``. The
+    two are the same tensor; one that differed would be kept and reported as unexpected.
+    """
+    marker = ".modules_to_save."
+    out = {}
+    for key, tensor in tensors.items():
+        if marker in key:
+            twin = key.replace(marker, ".", 1)
+            if twin in tensors and torch.equal(tensors[twin], tensor):
+                continue
+        out[key] = tensor
+    return out

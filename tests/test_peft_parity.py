@@ -137,3 +137,14 @@ def test_fresh_adapters_match_peft_parameter_shapes():
     theirs_shapes = {k.replace("base_model.model.", "").replace(".default", ""): tuple(p.shape)
                      for k, p in theirs.named_parameters() if p.requires_grad}
     assert ours_shapes == theirs_shapes
+
+
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["classifier"]}, {"task_type": "SEQ_CLS"}], ids=["head", "seq-cls"])
+def test_peft_bias_all_adapter_with_a_saved_head_loads(tmp_path, input_ids, extra):
+    theirs = peft.get_peft_model(make_bert(), peft.LoraConfig(target_modules=["query"], bias="all",
+                                                                init_lora_weights=False, **extra))
+    _perturb_extras((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+    theirs.save_pretrained(str(tmp_path))
+    assert "base_model.model.classifier.modules_to_save.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = LoRAModelWrapper.from_pretrained(make_bert(), str(tmp_path))
+    torch.testing.assert_close(_logits(ours, input_ids), _logits(theirs.eval(), input_ids), atol=1e-5, rtol=1e-5)
