@@ -224,3 +224,46 @@ def test_scaling_multiplies_the_update_and_rslora_uses_sqrt_r():
     assert layer.scaling == pytest.approx(8 / 2)
     wrapper2, base2, _ = _build("llama-linear", r=4, lora_alpha=8)
     assert base2.model.layers[0].self_attn.q_proj.scaling == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_optimizer_step_moves_exactly_the_trainable_parameters(name):
+    wrapper, base, _ = _build(name)
+    wrapper.train()
+    frozen = {n: p.detach().clone() for n, p in wrapper.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in wrapper.parameters() if p.requires_grad], lr=1e-2)
+    inputs = _inputs()
+    labels = inputs["input_ids"] if name.startswith(("llama", "gpt2")) else torch.tensor([0, 2])
+    wrapper(**inputs, labels=labels).loss.backward()
+    assert all(p.grad is None for n, p in wrapper.named_parameters() if n in frozen)
+    optimizer.step()
+    for n, p in wrapper.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    moved = [n for n, p in wrapper.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    # B starts at zero (A for embeddings): one step moves B, and then A, B both carry gradient
+    assert any("lora_B" in n or "lora_embedding_A" in n for n in moved)
+    if "bias" in name:
+        assert any(n.endswith("bias") for n in moved) and any("classifier" in n for n in moved)
+
+
+def test_bf16_base_keeps_fp32_adapters_and_restores_exactly():
+    base = make_llama().to(torch.bfloat16)
+    ids = _inputs()["input_ids"]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    wrapper = wrap(base, LoRAConfig(init_lora_weights=False))
+    layer = base.model.layers[0].mlp.up_proj
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    original = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = wrapper(input_ids=ids).logits
+        assert adapted.dtype == torch.bfloat16 and not torch.equal(adapted, before)
+        wrapper.merge()
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        merged = wrapper(input_ids=ids).logits
+        wrapper.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+    # bf16 rounding of the merged weight: small next to what the adapter does
+    assert (merged - adapted).abs().max() < 0.1 * (adapted - before).abs().max()
