@@ -111,6 +111,9 @@ def test_a_quantized_base_is_never_cast_by_to_dtype(tmp_path, base_dir):
         model.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"Cannot cast a quantized base model to torch.float16"):
         model.half()  # nn.Module.half goes through _apply, not to(): must be refused too
+    full_eval = Trainer(model=model, args=trainer_args(tmp_path, bf16_full_eval=True), eval_dataset=token_dataset(4))
+    with pytest.raises(ValueError, match="Cannot cast a quantized base model"):
+        full_eval.evaluate()  # Trainer casts the model for bf16_full_eval
     model.to("cpu")  # a device move is fine
     after = _quantized_weights(base)
     assert after.keys() == packed.keys() and all(torch.equal(after[k], packed[k]) for k in packed)
