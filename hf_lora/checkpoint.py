@@ -159,7 +159,13 @@ def resolve_adapter_folder(model_id: str, *, revision: str | None, token: str | 
     if subfolder:
         patterns = [f"{subfolder}/{p}" for p in patterns]
     # allow_patterns: only the adapter files are fetched, never code or pickles of the repo.
-    snapshot = snapshot_download(model_id, revision=revision, token=token, allow_patterns=patterns)
+    try:
+        snapshot = snapshot_download(model_id, revision=revision, token=token, allow_patterns=patterns)
+    except OSError as exc:  # not found, no network, offline mode: all OSError subclasses in huggingface_hub
+        raise ValueError(
+            f"Adapter {model_id!r} is not a local folder and could not be fetched from the Hub "
+            f"({type(exc).__name__}: {exc})."
+        ) from None
     return safe_join(snapshot, subfolder, what="subfolder") if subfolder else Path(snapshot)
 
 

@@ -207,6 +207,19 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         LoRAModelWrapper.from_pretrained(make_llama(), str(tmp_path / "nowhere"))
 
 
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # conftest sets it too; nothing may go to the network
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    base = make_llama()
+    snapshot = _snapshot(base)
+    with pytest.raises(ValueError, match=r"Adapter 'no-such-org/no-such-adapter' is not a local folder and could "
+                                         r"not be fetched from the Hub"):
+        LoRAModelWrapper.from_pretrained(base, "no-such-org/no-such-adapter")
+    assert_unchanged(base, snapshot)
+
+
 def test_save_into_a_file_path_is_refused(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
