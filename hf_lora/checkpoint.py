@@ -24,6 +24,7 @@ from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .init import modifies_base, without_base_init
 from .layers import LoRAConv1D
+from .tokens import resize_for_tokens
 from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys, task_type_for_peft
 # atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
 from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
@@ -93,6 +94,7 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
         "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for _, layer in layers),
         "use_dora": cfg.use_dora,
+        "trainable_token_indices": cfg.to_dict()["trainable_token_indices"],
         "lora_bias": False,
     }
 
@@ -317,6 +319,7 @@ def load_pretrained(
     config = drop_absent_modules_to_save(read_config(folder), base_model, str(folder / CONFIG_NAME))
     tensors = drop_duplicate_head_keys(read_tensors(folder))
     check_same_save(folder)
+    resize_for_tokens(base_model, config.trainable_token_indices, str(folder))  # new tokens: grow the base, with a warning
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
     try:
         # Planning raises before the model is touched; the message must still name the file.

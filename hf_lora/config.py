@@ -29,7 +29,6 @@ _UNSUPPORTED_PEFT_FIELDS: dict[str, object] = {
     "layers_to_transform": None,
     "layers_pattern": None,
     "lora_bias": False,
-    "trainable_token_indices": None,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
@@ -169,6 +168,28 @@ def _freeze_pattern(name: str, value: object, *, integer: bool) -> Mapping[str, 
     return MappingProxyType(dict(value))
 
 
+
+def _token_id_tuple(name: str, value: object) -> tuple[int, ...]:
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0
+    if ok:
+        ok = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_RANK for i in value)
+    if not ok or len(set(value)) != len(value):
+        raise _fail(name, value, "a non-empty list of distinct non-negative token ids")
+    return tuple(value)
+
+
+def _token_indices(value: object) -> tuple[int, ...] | Mapping[str, tuple[int, ...]] | None:
+    """Normalise ``trainable_token_indices`` (list, or dict of module name -> list)."""
+    if value is None:
+        return None
+    name = "trainable_token_indices"
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise _fail(name, value, "a non-empty dict with module-name keys")
+        return MappingProxyType({k: _token_id_tuple(name, v) for k, v in value.items()})
+    return _token_id_tuple(name, value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     """How LoRA adapts a model: ``W x + (lora_alpha / r) * B A x``.
@@ -195,6 +216,9 @@ class LoRAConfig:
         rank_pattern: ``{pattern: r}`` overrides per module; a pattern matches a module when it
             equals the path, is a suffix of it, or full-matches it as a regex.
         alpha_pattern: ``{pattern: alpha}`` overrides, same matching.
+        trainable_token_indices: Token ids whose embedding rows are trainable (and saved alone,
+            never the whole matrix): a list for the input embedding, or ``{module: ids}``. For
+            tokens added with ``resize_token_embeddings``; see ``hf_lora/tokens.py``.
         modules_to_save: Modules trained in full and saved next to the adapter (e.g. a
             classification head). Matched by name suffix.
         fan_in_fan_out: The base weight is stored ``in x out`` (GPT-2 ``Conv1D``). Detected
@@ -215,6 +239,7 @@ class LoRAConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     modules_to_save: Union[tuple[str, ...], None] = None
+    trainable_token_indices: Union[tuple[int, ...], Mapping[str, tuple[int, ...]], None] = None
     fan_in_fan_out: bool = False
     task_type: Union[str, None] = None
 
@@ -242,6 +267,7 @@ class LoRAConfig:
             raise _fail("init_lora_weights", init, "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1) or 'olora'")
         set_(self, "rank_pattern", _freeze_pattern("rank_pattern", self.rank_pattern, integer=True))
         set_(self, "alpha_pattern", _freeze_pattern("alpha_pattern", self.alpha_pattern, integer=False))
+        set_(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
         modules = _as_str_tuple("modules_to_save", self.modules_to_save, allow_none=True)
         set_(self, "modules_to_save", (modules,) if isinstance(modules, str) else modules)
         if not isinstance(self.fan_in_fan_out, bool):
@@ -272,6 +298,9 @@ class LoRAConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("rank_pattern", "alpha_pattern"):
             out[key] = dict(out[key])
+        tokens = out["trainable_token_indices"]
+        if tokens is not None:
+            out["trainable_token_indices"] = {k: list(v) for k, v in tokens.items()} if isinstance(tokens, Mapping) else list(tokens)
         for key in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])

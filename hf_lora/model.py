@@ -31,6 +31,7 @@ from .multi_adapter import MultiAdapterMixin
 from .quantized import keep_cpu_4bit_weights_fixed
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
+from .tokens import TrainableTokens, apply_trainable_tokens, plan_trainable_tokens, token_layers
 from .tying import check_untied, untie_base_weights
 
 _WRAPPER_CLASSES: dict[type, type] = {}
@@ -109,6 +110,10 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
         # Plan everything first: a bad config raises before the model is touched.
         plan = plan_targets(base_model, config)
         save_paths = match_modules_to_save(base_model, config.modules_to_save)
+        token_plan = plan_trainable_tokens(base_model, config.trainable_token_indices)
+        clash = sorted({p for p, _, _ in token_plan} & ({t.path for t in plan} | set(save_paths)))
+        if clash:
+            raise ValueError(f"Modules {clash} get trainable_token_indices and are also LoRA targets or in modules_to_save; choose one.")
         overlap = sorted(set(save_paths) & {t.path for t in plan})
         if overlap:
             raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
@@ -128,6 +133,7 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
             _replace_submodule(base_model, target.path, layer)
         for path in save_paths:
             _replace_submodule(base_model, path, TrainedCopy(base_model.get_submodule(path)))
+        apply_trainable_tokens(base_model, token_plan)  # new-token rows (tokens.py)
         self.base_model = base_model
         freeze_base(base_model, config.bias)
 
@@ -250,7 +256,8 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
 
     def _lora_layers(self) -> list[LoRALayer]:
         self._check_not_unloaded()
-        return [layer for _, layer in lora_layers(self.base_model)]
+        # Trainable token rows merge, unmerge and disable like LoRA layers (same methods and flags).
+        return [layer for _, layer in lora_layers(self.base_model)] + token_layers(self.base_model)  # type: ignore[operator]
 
     def merge(self, keep_original: bool = True) -> None:
         """Fold every adapter into its base weight (fp32 maths). Idempotent; `unmerge` reverses it.
@@ -307,6 +314,8 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
         base = self.base_model
         for path, module in list(base.named_modules()):
             if isinstance(module, LoRALayer):
+                _replace_submodule(base, path, module.base_layer)
+            elif isinstance(module, TrainableTokens):
                 _replace_submodule(base, path, module.base_layer)
             elif isinstance(module, TrainedCopy):
                 _replace_submodule(base, path, module.trained_module if module.trained_module is not None else module.original_module)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .state import lora_layers
+from .tokens import TokenAdapter
 
 # transformers.Trainer.get_decay_parameter_names: these names never get weight decay.
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -55,6 +56,9 @@ def _lora_roles(model: nn.Module) -> dict[int, str]:
                 continue  # other adapter tensors (e.g. DoRA magnitude) train at the base rate
             for param in params:
                 roles[id(param)] = role
+    for module in model.modules():
+        if isinstance(module, TokenAdapter):  # new-token rows are embedding rows too
+            roles[id(module.trainable_tokens_delta)] = "embedding"
     return roles
 
 
@@ -79,7 +83,7 @@ def loraplus_param_groups(
 
     * ``lora_A``: ``A`` factors of linear-type layers, ``lr``, ``weight_decay``.
     * ``lora_B``: ``B`` factors, ``lr * loraplus_lr_ratio``, ``weight_decay``.
-    * ``embedding``: both factors of embedding adapters, ``loraplus_lr_embedding``
+    * ``embedding``: both factors of embedding adapters and new-token rows, ``loraplus_lr_embedding``
       (default ``lr``: the ratio is derived for dense inputs, not one-hot token ids).
     * ``other``: any other trainable weight (``modules_to_save`` copies...), ``lr``, ``weight_decay``.
     * ``no_decay``: trainable biases and norm weights, ``lr``, no weight decay.

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import BiasMode
 from .layers import LoRALayer, TrainedCopy
+from .tokens import TokenAdapter
 
 
 def _join(*parts: str) -> str:
@@ -36,6 +37,8 @@ def adapter_parameters(model: nn.Module, bias: BiasMode = "none") -> dict[str, n
         elif isinstance(module, TrainedCopy):
             for name, param in module.trained_module.named_parameters():
                 found[_join(path, "trained_module", name)] = param
+        elif isinstance(module, TokenAdapter):  # trainable rows of new tokens (tokens.py)
+            found[_join(path, "trainable_tokens_delta")] = module.trainable_tokens_delta
     if bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in f".{name}":
