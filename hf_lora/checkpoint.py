@@ -206,7 +206,13 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(str(legacy), map_location="cpu", weights_only=True)
         except Exception as exc:  # any failure of a legacy file is a bad file, not a crash
-            raise ValueError(f"{legacy}: cannot be read safely ({exc}).") from None
+            lines = str(exc).splitlines()
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), " ".join(lines)[:300])
+            raise ValueError(
+                f"{legacy}: cannot be read safely ({reason}). Legacy .bin files are read with "
+                "torch.load(weights_only=True), which refuses anything but tensors because unpickling "
+                "other objects can run code; convert a file you trust to adapter_model.safetensors."
+            ) from None
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise ValueError(f"{legacy}: expected a dict of tensors.")
         return data
