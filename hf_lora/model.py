@@ -117,6 +117,14 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
         overlap = sorted(set(save_paths) & {t.path for t in plan})
         if overlap:
             raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
+        # A saved module is trained in full: an adapter inside it (or one around it) would be copied with it.
+        nested = next(((s, t.path) for s in save_paths for t in plan
+                       if t.path.startswith(s + ".") or s.startswith(t.path + ".")), None)
+        if nested:
+            raise ValueError(
+                f"modules_to_save module {nested[0]!r} and LoRA target {nested[1]!r} are nested; a module "
+                "trained in full needs no adapter inside it: narrow target_modules or modules_to_save."
+            )
         check_base_init([(t.path, t.lora_class) for t in plan], config.init_lora_weights, base_model)
         super().__init__()
         keep_cpu_4bit_weights_fixed(base_model)  # bnb would otherwise alter the frozen 4-bit base

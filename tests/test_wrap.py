@@ -198,6 +198,9 @@ def test_modules_to_save_errors(llama):
         wrap(llama, LoRAConfig(modules_to_save=["lm_haed"]))
     with pytest.raises(ValueError, match=r"both LoRA targets and in modules_to_save"):
         wrap(llama, LoRAConfig(target_modules=["q_proj"], modules_to_save=["q_proj"]))
+    with pytest.raises(ValueError, match=r"modules_to_save module 'model\.layers\.0\.self_attn' and LoRA target "
+                                         r"'model\.layers\.0\.self_attn\.q_proj' are nested"):
+        wrap(llama, LoRAConfig(target_modules=["q_proj"], modules_to_save=["layers.0.self_attn"]))
     assert_unchanged(llama, snapshot)
 
 
