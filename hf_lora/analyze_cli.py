@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_io import atomic_write
+
 from .analysis import (
     DEFAULT_ENERGY,
     LayerFactors,
@@ -62,6 +64,12 @@ def _panels(count: int, width: float, height: float):  # noqa: ANN202 (matplotli
     return plt, fig, axes.flat[:count]
 
 
+def _save_figure(fig: object, path: Path) -> None:
+    # Crash-safe like every hf_lora output; the temporary name hides the format, so pass it.
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))  # type: ignore[attr-defined]
+
+
 def plot_spectra(factors: dict[str, LayerFactors], path: Path) -> Path:
     """One panel per layer group: each layer's singular values, normalised by its largest."""
     by_group: dict[str, list[torch.Tensor]] = {}
@@ -76,7 +84,7 @@ def plot_spectra(factors: dict[str, LayerFactors], path: Path) -> Path:
         if index % 4 == 0:
             ax.set_ylabel("singular value / largest")
     fig.suptitle("Singular values of delta W = scaling * B A (one line per layer)")
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -97,7 +105,7 @@ def plot_similarity(a: dict[str, LayerFactors], b: dict[str, LayerFactors], path
             ax.set_ylabel("i (first adapter)")
     fig.colorbar(image, ax=list(axes), shrink=0.8)
     fig.suptitle("Subspace similarity phi(i, j) of the A matrices (mean over each group's layers)")
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 

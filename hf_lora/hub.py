@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .safe_io import atomic_write
+
 if TYPE_CHECKING:
     from .model import LoRAModelWrapper
 
@@ -95,7 +97,8 @@ def rewrite_trainer_card(wrapper: "LoRAModelWrapper", output_dir: str, *, metric
         text = card.text
         start = text.find("## Training procedure")
         appendix = text[start:] if start >= 0 else None
-    path.write_text(model_card(wrapper, metrics=metrics, extra_tags=extra_tags, appendix=appendix), encoding="utf-8")
+    text = model_card(wrapper, metrics=metrics, extra_tags=extra_tags, appendix=appendix)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # a crash keeps the old card whole
 
 
 def push_adapter(
