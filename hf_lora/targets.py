@@ -87,12 +87,20 @@ def _matches(entry: str, path: str, module: nn.Module, groups: dict[str, str], o
     return _name_matches(entry, path)
 
 
+# Task heads of classification / QA models: freshly initialised, trained in full via
+# modules_to_save, and often narrower than r, so "all-linear" leaves them out (as PEFT does).
+_TASK_HEAD_NAMES = ("score", "classifier", "qa_outputs")
+
+
 def _output_layer(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     try:
-        return getter() if callable(getter) else None
+        output = getter() if callable(getter) else None
     except (AttributeError, NotImplementedError):
-        return None
+        output = None
+    if output is None:
+        output = next((m for m in (getattr(model, n, None) for n in _TASK_HEAD_NAMES) if isinstance(m, nn.Module)), None)
+    return output
 
 
 def _adaptable_names(model: nn.Module) -> list[str]:

@@ -105,6 +105,18 @@ def test_all_linear_skips_the_output_layer(llama):
     assert type(llama.lm_head) is nn.Linear
 
 
+def test_all_linear_skips_a_classification_head_like_peft():
+    peft = pytest.importorskip("peft")
+    bert = make_bert()
+    wrap(bert, LoRAConfig(target_modules="all-linear"))  # r=8 > 3 labels: the head must not be a target
+    ours = sorted(p for p, m in bert.named_modules() if isinstance(m, LoRALayer))
+    assert type(bert.classifier).__name__ == "Linear" and len(ours) == 2 * 6 + 1  # + pooler.dense
+    theirs_model = peft.get_peft_model(make_bert(), peft.LoraConfig(target_modules="all-linear", task_type="SEQ_CLS"))
+    theirs = sorted(p.removeprefix("base_model.model.") for p, m in theirs_model.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert ours == theirs
+
+
 def test_exclude_modules_and_rank_pattern(llama):
     cfg = LoRAConfig(target_modules=["attention"], exclude_modules=["k_proj"], rank_pattern={"v_proj": 2},
                      alpha_pattern={r"model\.layers\.1\.self_attn\.q_proj": 64})
