@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -323,3 +324,17 @@ def test_training_killed_mid_save_resumes_to_the_same_adapter(tmp_path):
         assert torch.equal(expected[key], got[key]), key
     b_key = next(k for k in expected if "lora_B" in k)
     assert not torch.equal(expected[b_key], torch.zeros_like(expected[b_key]))  # training moved B
+
+
+def test_every_file_hf_lora_writes_goes_through_atomic_write():
+    """Source guard: a write call in hf_lora/ must target the temporary path atomic_write hands out."""
+    writes = re.compile(r"\.write_text\(|\.write_bytes\(|\.savefig\(|\bsave_file\(|\btorch\.save\(|\bopen\([^)]*['\"][wa]b?['\"]")
+    offenders = []
+    for path in sorted((TESTS.parent / "hf_lora").rglob("*.py")):
+        if path.name == "safe_io.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if writes.search(code) and "tmp" not in code:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == [], "write through hf_lora.safe_io.atomic_write instead:\n" + "\n".join(offenders)
