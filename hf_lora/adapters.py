@@ -68,10 +68,16 @@ class StoredAdapter:
 
 @dataclass
 class AdapterBank:
-    """Every adapter of a wrapper, in load order, and which one the layers hold."""
+    """Every adapter of a wrapper, in load order, and which one the layers hold.
+
+    ``slots`` and ``layers`` cache the module walk (the LoRA layers and their parameter objects
+    never change identity after wrapping), so a switch costs copies, not a tree traversal.
+    """
 
     active: str
     entries: dict[str, StoredAdapter]
+    slots: dict[str, tuple[nn.Parameter, _Slot | None]]
+    layers: list[tuple[str, LoRALayer]]
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ def check_adapter_name(name: object) -> str:
 
 
 def _slots(wrapper: "LoRAModelWrapper") -> dict[str, tuple[nn.Parameter, _Slot | None]]:
+    found = wrapper.__dict__.get("_adapter_bank")
+    return found.slots if found is not None else _walk_slots(wrapper)
+
+
+def _walk_slots(wrapper: "LoRAModelWrapper") -> dict[str, tuple[nn.Parameter, _Slot | None]]:
     owners: dict[str, _Slot] = {}
     for path, layer in lora_layers(wrapper.base_model):
         for index, attribute in enumerate(layer.adapter_attribute_names):
@@ -126,8 +137,7 @@ def logical_adapter_state(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor
     return out
 
 
-def _capture(wrapper: "LoRAModelWrapper") -> StoredAdapter:
-    layers = lora_layers(wrapper.base_model)
+def _capture(wrapper: "LoRAModelWrapper", layers: list[tuple[str, LoRALayer]]) -> StoredAdapter:
     return StoredAdapter(
         config=wrapper.lora_config,
         tensors={p: t.detach().clone() for p, t in logical_adapter_state(wrapper).items()},
@@ -141,7 +151,8 @@ def bank(wrapper: "LoRAModelWrapper") -> AdapterBank:
     found = wrapper.__dict__.get("_adapter_bank")
     if found is None:
         wrapper._check_not_unloaded()
-        found = AdapterBank(DEFAULT_ADAPTER, {DEFAULT_ADAPTER: _capture(wrapper)})
+        layers = lora_layers(wrapper.base_model)
+        found = AdapterBank(DEFAULT_ADAPTER, {DEFAULT_ADAPTER: _capture(wrapper, layers)}, _walk_slots(wrapper), layers)
         wrapper.__dict__["_adapter_bank"] = found
     return found
 
@@ -214,8 +225,17 @@ def register(wrapper: "LoRAModelWrapper", name: str, stored: StoredAdapter, sour
 def _sync_active(wrapper: "LoRAModelWrapper", found: AdapterBank) -> None:
     """Copy the live (possibly trained) values of the active adapter into its stored buffers."""
     entry = found.entries[found.active]
-    for path, tensor in logical_adapter_state(wrapper).items():
-        entry.tensors[path].copy_(tensor)
+    live = logical_adapter_state(wrapper)
+    _copy_all([entry.tensors[path] for path in live], list(live.values()))
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    # One fused call instead of a Python loop of copies: switching then costs about the bytes.
+    if targets and all(t.device == s.device and t.dtype == s.dtype for t, s in zip(targets, sources)):
+        torch._foreach_copy_(targets, sources)
+    else:
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def _check_known(found: AdapterBank, name: str) -> None:
@@ -230,19 +250,22 @@ def set_adapter(wrapper: "LoRAModelWrapper", name: str) -> None:
     _check_known(found, name)
     if name == found.active:
         return
-    merged = [layer for _, layer in lora_layers(wrapper.base_model) if layer.merged]
+    merged = [layer for _, layer in found.layers if layer.merged]
     for layer in merged:
         layer.unmerge()
     _sync_active(wrapper, found)
     entry = found.entries[name]
+    targets, sources = [], []
     for path, (param, slot) in _slots(wrapper).items():
         source = entry.tensors[path]
         if slot is not None and slot.rank_dim is not None and source.shape[slot.rank_dim] != param.shape[slot.rank_dim]:
             param.narrow(slot.rank_dim, source.shape[slot.rank_dim], param.shape[slot.rank_dim] - source.shape[slot.rank_dim]).zero_()
-            param.narrow(slot.rank_dim, 0, source.shape[slot.rank_dim]).copy_(source)
+            targets.append(param.narrow(slot.rank_dim, 0, source.shape[slot.rank_dim]))
         else:
-            param.copy_(source)
-    for path, layer in lora_layers(wrapper.base_model):
+            targets.append(param)
+        sources.append(source)
+    _copy_all(targets, sources)
+    for path, layer in found.layers:
         layer.r, layer.scaling = entry.ranks[path], entry.scalings[path]
     wrapper.lora_config = entry.config
     found.active = name

@@ -192,3 +192,28 @@ def test_add_weighted_adapter_argument_errors(folders):
         model.add_weighted_adapter(["default", "c"], [1.0, 1.0], "mix")
     with pytest.raises(ValueError, match="expected finite numbers"):
         model.add_weighted_adapter(["default", "b"], [1.0, float("nan")], "mix")
+
+
+def test_switching_under_torch_compile_does_not_recompile(folders, tmp_path, refs, input_ids):
+    # Same shapes (after padding) and same scaling: dynamo's guards still hold after a switch.
+    # (An adapter with another scaling costs one recompile the first time it runs: the scaling
+    # is a Python float the graph specialises on.)
+    from torch._dynamo.utils import counters
+
+    same_scaling = _save(tmp_path / "c", seed=3, r=8, alpha=4)  # 4 / 8, like "b"
+    model = _alone(folders["b"])
+    model.load_adapter(same_scaling, "c")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        first = compiled(input_ids).logits
+        model.set_adapter("c")
+        switched = compiled(input_ids).logits
+        torch.testing.assert_close(switched, model(input_ids).logits)
+        model.set_adapter("default")
+        torch.testing.assert_close(compiled(input_ids).logits, first)
+    torch.testing.assert_close(first, refs["b"][0])
+    assert not torch.allclose(first, switched)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
