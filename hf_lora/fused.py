@@ -97,25 +97,37 @@ def drop_positions(numel: int, p: float, seed: int) -> torch.Tensor:
 def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The boolean keep-mask the fast path uses for ``seed`` (for tests and inspection)."""
     keep = torch.ones(shape, dtype=torch.bool, device=device)
-    return _zero_dropped_(keep, p, seed)
+    return _zero_dropped_(keep, _drop_mask(keep, p, seed))
 
 
-def _zero_dropped_(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Zero, in place, the elements of contiguous ``t`` that dropout ``(p, seed)`` drops."""
-    if t.device.type == "cpu":
-        return t.view(-1).index_fill_(0, drop_positions(t.numel(), p, seed), 0).view(t.shape)
-    generator = torch.Generator(device=t.device)
+def _samples_positions(device: torch.device) -> bool:
+    # Sampling drop positions pays off where random numbers are drawn serially: on CPU.
+    return device.type == "cpu"
+
+
+def _drop_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """What dropout ``(p, seed)`` drops from a tensor shaped like ``like``: flat drop positions
+    on CPU, a boolean keep-mask elsewhere (where ``bernoulli_`` runs in parallel)."""
+    if _samples_positions(like.device):
+        return drop_positions(like.numel(), p, seed)
+    generator = torch.Generator(device=like.device)
     generator.manual_seed(seed)
-    keep = torch.empty(t.shape, dtype=torch.bool, device=t.device).bernoulli_(1 - p, generator=generator)
-    return t.mul_(keep)
+    return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(1 - p, generator=generator)
 
 
-def _dropped_input(x2d: torch.Tensor, dtype: torch.dtype, p: float, seed: int) -> torch.Tensor:
+def _zero_dropped_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the elements of contiguous ``t`` that ``mask`` (from `_drop_mask`) drops."""
+    if mask.dtype == torch.bool:
+        return t.mul_(mask)
+    return t.view(-1).index_fill_(0, mask, 0).view(t.shape)
+
+
+def _dropped_input(x2d: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
     """``x2d`` in ``dtype`` with dropped elements zeroed (not rescaled), never aliasing ``x2d``."""
-    if p == 0:
+    if mask is None:
         return x2d.to(dtype)
     copy = x2d.to(dtype, copy=True, memory_format=torch.contiguous_format)
-    return _zero_dropped_(copy, p, seed)
+    return _zero_dropped_(copy, mask)
 
 
 class _LoRAUpdate(torch.autograd.Function):
@@ -128,7 +140,8 @@ class _LoRAUpdate(torch.autograd.Function):
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, x.shape[-1])
-            hidden = _dropped_input(x2d, dtype, p, seed) @ weight_a.to(dtype).t()
+            mask = _drop_mask(x2d, p, seed) if p else None
+            hidden = _dropped_input(x2d, dtype, mask) @ weight_a.to(dtype).t()
             hidden.mul_(scale)
             b_t = weight_b.to(dtype).t()
             out2d = result.view(-1, result.shape[-1]) if inplace else result.reshape(-1, result.shape[-1])
@@ -154,13 +167,14 @@ class _LoRAUpdate(torch.autograd.Function):
                 grad_b = (g2d.t() @ hidden).to(weight_b.dtype)
             if needs[1] or needs[2]:
                 grad_hidden = (g2d @ weight_b.to(dtype)).mul_(ctx.scale)
+                x2d = x.reshape(-1, x.shape[-1])
+                mask = _drop_mask(x2d, ctx.p, ctx.seed) if ctx.p else None  # regenerated, not stored
                 if needs[2]:
-                    x2d = x.reshape(-1, x.shape[-1])
-                    grad_a = (grad_hidden.t() @ _dropped_input(x2d, dtype, ctx.p, ctx.seed)).to(weight_a.dtype)
+                    grad_a = (grad_hidden.t() @ _dropped_input(x2d, dtype, mask)).to(weight_a.dtype)
                 if needs[1]:
                     grad_x = grad_hidden @ weight_a.to(dtype)
-                    if ctx.p:
-                        grad_x = _zero_dropped_(grad_x, ctx.p, ctx.seed)
+                    if mask is not None:
+                        grad_x = _zero_dropped_(grad_x, mask)
                     grad_x = grad_x.to(x.dtype).view(x.shape)
         grad_result = grad_out if needs[0] else None
         return grad_result, grad_x, grad_a, grad_b, None, None, None, None, None

@@ -71,6 +71,17 @@ def test_dropout_matches_formula_with_the_seeded_mask(p):
     assert_all_close(run(layer, x, on=True, seed=7), reference(layer, x, keep, p), rtol=1e-5, atol=1e-5)
 
 
+def test_bernoulli_mask_branch_matches_formula(monkeypatch):
+    """The branch used off CPU (a seeded bernoulli_ keep-mask), exercised here on CPU."""
+    monkeypatch.setattr(fused, "_samples_positions", lambda device: False)
+    p = 0.3
+    layer, x = make_layer(p), torch.randn(4, 6, 24)
+    torch.manual_seed(7)
+    keep = fused.dropout_keep_mask(x.shape, p, fused.draw_seed(), x.device)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.1
+    assert_all_close(run(layer, x, on=True, seed=7), reference(layer, x, keep, p), rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_is_deterministic_given_the_seed_and_differs_between_calls():
     layer, x = make_layer(0.3), torch.randn(2, 8, 24)
     first, again = run(layer, x, on=True, seed=3), run(layer, x, on=True, seed=3)
