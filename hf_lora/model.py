@@ -336,8 +336,15 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
 
     # --- files ------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str, *, is_main_process: bool = True, **card_fields: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str, *, is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None, **card_fields: Any,
+    ) -> None:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md`` card (PEFT layout).
+
+        ``path_initial_model_for_weight_conversion`` (PEFT's name): the folder of a PiSSA/OLoRA
+        adapter saved right after `wrap`; the adapter is then saved as a plain rank-2r LoRA that
+        applies to the ORIGINAL base (`hf_lora.init.save_as_lora`).
 
         With several adapters loaded (`load_adapter`), ``"default"`` goes in ``save_directory`` and
         each other adapter in ``save_directory/<name>`` (`save_adapters`).
@@ -345,6 +352,11 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
         from .checkpoint import save_adapter
 
         if not is_main_process:
+            return
+        if path_initial_model_for_weight_conversion is not None:
+            from .init import save_as_lora
+
+            save_as_lora(self, save_directory, initial=path_initial_model_for_weight_conversion)
             return
         if len(self.adapters) > 1 or self.active_adapter != "default":
             self.save_adapters(save_directory, **card_fields)

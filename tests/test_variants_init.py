@@ -120,6 +120,9 @@ def test_converted_adapter_on_original_base_gives_finetuned_logits(kind, init, t
     torch.testing.assert_close(ours(input_ids=input_ids).logits, finetuned, rtol=1e-4, atol=1e-4)
     peft_model = PeftModel.from_pretrained(_make(kind), str(tmp_path / "lora"))
     torch.testing.assert_close(peft_model(input_ids=input_ids).logits, finetuned, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(str(tmp_path / "lora3"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    peft_style = LoRAModelWrapper.from_pretrained(_make(kind), str(tmp_path / "lora3"))
+    torch.testing.assert_close(peft_style(input_ids=input_ids).logits, finetuned, rtol=1e-4, atol=1e-4)
     save_as_lora(model, tmp_path / "lora2", initial=in_memory)  # same result from an in-memory snapshot
     again = LoRAModelWrapper.from_pretrained(_make(kind), str(tmp_path / "lora2"))
     torch.testing.assert_close(again(input_ids=input_ids).logits, finetuned, rtol=1e-4, atol=1e-4)
