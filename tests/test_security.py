@@ -256,3 +256,15 @@ def test_memory_bombs_are_refused_before_allocating(kwargs, match):
         wrap(model, LoRAConfig(**{"target_modules": ["attention"], **kwargs}))
     assert time.perf_counter() - start < 2.0
     assert _module_types(model) == types
+
+
+def test_load_adapter_subfolder_cannot_leave_the_folder(tmp_path):
+    root = tmp_path / "repo"
+    _saved_adapter(root / "inner")
+    _saved_adapter(tmp_path / "outside")
+    model = wrap(make_llama(), CONFIG)
+    with pytest.raises(ValueError, match=r"subfolder='\.\./outside' is invalid: '\.\.' would leave"):
+        model.load_adapter(str(root), adapter_name="second", subfolder="../outside")
+    assert list(model.adapters) == ["default"]
+    model.load_adapter(str(root), adapter_name="second", subfolder="inner")
+    assert sorted(model.adapters) == ["default", "second"]
