@@ -201,12 +201,13 @@ def test_whole_llama_matches_plain_path(input_ids):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_gradient_checkpointing_replays_the_same_masks(input_ids):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_replays_the_same_masks(input_ids, reentrant):
     config = LoRAConfig(r=4, lora_dropout=0.2, init_lora_weights=False)
     plain = wrap(make_llama(), config).train()
     ckpt = wrap(make_llama(), config).train()
     ckpt.load_state_dict(plain.state_dict())
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     loss, grads = _model_grads(plain, input_ids, on=True)
     loss_ckpt, grads_ckpt = _model_grads(ckpt, input_ids, on=True)
     torch.testing.assert_close(loss, loss_ckpt, rtol=0, atol=0)
@@ -217,13 +218,14 @@ def test_gradient_checkpointing_replays_the_same_masks(input_ids):
     assert other != loss
 
 
-def test_bnb_4bit_base_matches_plain_path(tmp_path, input_ids, monkeypatch):
-    base = load_quantized(save_base(make_llama(), tmp_path / "base"), 4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bnb_base_matches_plain_path(tmp_path, input_ids, monkeypatch, bits):
+    base = load_quantized(save_base(make_llama(), tmp_path / "base"), bits)
     model = wrap(base, LoRAConfig(r=4, lora_dropout=0.0, init_lora_weights=False)).train()
     calls = []
     monkeypatch.setattr(fused, "adapter_update", lambda *a: calls.append(1) or fused_update(*a))
     loss, grads = _model_grads(model, input_ids, on=True)
-    assert calls, "the fast path did not run on the 4-bit base"
+    assert calls, f"the fast path did not run on the {bits}-bit base"
     loss_ref, grads_ref = _model_grads(model, input_ids, on=False)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for name in grads:
