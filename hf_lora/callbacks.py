@@ -121,33 +121,9 @@ class LoRACallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model = _wrapper(kwargs.get("model"))
         adapter = model.adapter_parameters()
-        frozen = [name for name, p in adapter.items() if not p.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"hf_lora: adapter parameters are frozen, so the optimizer does not hold them: {_names(frozen)}. "
-                "An adapter loaded with LoRAModelWrapper.from_pretrained(..., is_trainable=False) is frozen; "
-                "load it with is_trainable=True to train it."
-            )
-        optimizer = kwargs.get("optimizer")
-        if optimizer is not None:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            absent = [name for name, p in adapter.items() if id(p) not in held]
-            if absent:
-                raise ValueError(
-                    f"hf_lora: the optimizer does not hold these adapter parameters: {_names(absent)}. Build the "
-                    "optimizer from model.adapter_parameters().values() (or let Trainer build it)."
-                )
+        _check_adapter_trainable(adapter, kwargs.get("optimizer"))
         if self.enforce_trainable:
-            wanted = {id(p) for p in adapter.values()}
-            stray = [n for n, p in model.base_model.named_parameters() if p.requires_grad and id(p) not in wanted]
-            for name, param in model.base_model.named_parameters():
-                if name in stray:
-                    param.requires_grad_(False)
-            if stray:
-                logger.warning(
-                    "hf_lora: re-froze %d parameters that are not adapter state: %s. To train a whole module, "
-                    "list it in LoRAConfig(modules_to_save=[...]).", len(stray), _names(stray),
-                )
+            _refreeze_strays(model, adapter)
         if _reentrant_checkpointing(args) and not getattr(model.base_model, "_require_grads_hooks", None):
             logger.warning(
                 "hf_lora: reentrant gradient checkpointing is on but the input embeddings' output does not "
@@ -160,7 +136,7 @@ class LoRACallback(TrainerCallback):
                 "hf_lora: trainable params: %s || all params: %s || trainable%%: %.4f",
                 f"{trainable:,d}", f"{total:,d}", 100 * trainable / max(total, 1),
             )
-        self._pending = None if not self.check_gradients else list(adapter)
+        self._pending = list(adapter) if self.check_gradients else None
         self._steps_checked = 0
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -203,6 +179,38 @@ class LoRACallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             model.save_pretrained(folder, metrics=metrics)
+
+
+def _check_adapter_trainable(adapter: dict[str, Any], optimizer: Any) -> None:
+    frozen = [name for name, p in adapter.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"hf_lora: adapter parameters are frozen, so the optimizer does not hold them: {_names(frozen)}. "
+            "An adapter loaded with LoRAModelWrapper.from_pretrained(..., is_trainable=False) is frozen; "
+            "load it with is_trainable=True to train it."
+        )
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    absent = [name for name, p in adapter.items() if id(p) not in held]
+    if absent:
+        raise ValueError(
+            f"hf_lora: the optimizer does not hold these adapter parameters: {_names(absent)}. Build the "
+            "optimizer from model.adapter_parameters().values() (or let Trainer build it)."
+        )
+
+
+def _refreeze_strays(model: LoRAModelWrapper, adapter: dict[str, Any]) -> None:
+    # Safe after the optimizer exists: a parameter without .grad is skipped by every torch optimizer.
+    wanted = {id(p) for p in adapter.values()}
+    stray = [(n, p) for n, p in model.base_model.named_parameters() if p.requires_grad and id(p) not in wanted]
+    for _, param in stray:
+        param.requires_grad_(False)
+    if stray:
+        logger.warning(
+            "hf_lora: re-froze %d parameters that are not adapter state: %s. To train a whole module, "
+            "list it in LoRAConfig(modules_to_save=[...]).", len(stray), _names([n for n, _ in stray]),
+        )
 
 
 def _wrapper(model: Any) -> LoRAModelWrapper:
