@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from .analyze_cli import add_analyze_parser
 from .inspect_model import add_inspect_parser
+from .merge_cli import add_merge_parser, add_push_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_inspect_parser(commands)
     add_analyze_parser(commands)
+    add_merge_parser(commands)
+    add_push_parser(commands)
     return parser
 
 

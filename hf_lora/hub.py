@@ -128,3 +128,37 @@ def push_adapter(
             folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision, commit_message=commit_message
         )
     return str(info)
+
+
+def push_adapter_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload LoRA adapter (hf-lora)",
+) -> str:
+    """Upload a saved adapter folder (``hf-lora push``) without loading any model. Returns the commit URL.
+
+    The folder is validated first (its config parses, its weights file exists); only
+    ``adapter_config.json``, the weights file and ``README.md`` (when present) are uploaded, so
+    optimizer states, reports or tokens lying in a training output folder stay local.
+    """
+    from huggingface_hub import HfApi
+
+    from .checkpoint import read_config, weights_path
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"Adapter folder {folder!r} does not exist.")
+    read_config(path)  # raises ValueError naming the file when it is not a loadable adapter config
+    weights = weights_path(path)
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no adapter weights ({weights.name}); nothing to push.")
+    files = ["adapter_config.json", weights.name] + (["README.md"] if (path / "README.md").is_file() else [])
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info: Any = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
+                                  commit_message=commit_message, allow_patterns=files)
+    return str(info)
