@@ -9,7 +9,7 @@ import torch
 
 from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
 from hf_lora.init import initial_adapter_tensors, save_as_lora, save_residual_base
-from tests.conftest import make_gpt2, make_llama
+from tests.conftest import make_gpt2, make_llama, save_base
 
 INITS = ["pissa", "pissa_niter_4", "olora"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -206,3 +206,25 @@ def test_conversion_errors(tmp_path):
         save_as_lora(model, tmp_path / "x", initial=other)
     with pytest.raises(ValueError, match=r"has no tensor"):
         save_as_lora(model, tmp_path / "x", initial={})
+
+
+def test_qpissa_workflow_quantizes_only_the_residual(tmp_path, input_ids):
+    """QPiSSA: decompose in full precision, quantize the residual, load the adapter on it.
+
+    The principal part stays in the fp32 adapter, so the 4-bit model is closer to the original
+    than plain 4-bit quantization (QLoRA's starting point), as the PiSSA paper reports.
+    """
+    from tests.conftest import load_quantized
+
+    original = make_llama()(input_ids=input_ids).logits
+    qlora_start = load_quantized(save_base(make_llama(), tmp_path / "base"), 4)(input_ids=input_ids).logits
+    model = wrap(make_llama(), _cfg("pissa", r=16, lora_alpha=16, target_modules="all-linear"))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    save_residual_base(model, tmp_path / "residual")
+    qpissa = LoRAModelWrapper.from_pretrained(load_quantized(str(tmp_path / "residual"), 4), str(tmp_path / "adapter"), is_trainable=True)
+    layer = qpissa.base_model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "LoRALinear4bit" and layer.lora_A.weight.requires_grad
+    torch.testing.assert_close(layer.lora_A.weight, model.base_model.model.layers[0].self_attn.q_proj.lora_A.weight, rtol=0, atol=0)
+    qpissa_err = (qpissa(input_ids=input_ids).logits - original).abs().mean()
+    qlora_err = (qlora_start - original).abs().mean()
+    assert qpissa_err < 0.8 * qlora_err  # measured: 0.0087 vs 0.0165
