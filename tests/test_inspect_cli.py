@@ -12,7 +12,7 @@ from hf_lora import LoRAConfig, wrap
 from hf_lora.cli import main
 from hf_lora.inspect_model import inspect_model
 
-COUNTS = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+$", re.M)
+COUNTS = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+$", re.MULTILINE)
 
 CASES = {
     "llama-default": (make_llama, [], {"r": 8, "lora_alpha": 16}),

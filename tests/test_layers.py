@@ -82,7 +82,7 @@ def _base_weights_of_lora_layers(base: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_injects_expected_layers(name):
-    wrapper, base, _ = _build(name)
+    _, base, _ = _build(name)
     layers = [m for m in base.modules() if isinstance(m, LoRALayer)]
     assert len(layers) == CASES[name].n_layers
     assert {type(m) for m in layers} == {CASES[name].lora_class}
@@ -148,7 +148,7 @@ def test_merge_adds_exactly_scaled_BA_to_the_linear_weight():
 
 
 def test_conv1d_delta_is_transposed_into_fan_in_fan_out_layout():
-    wrapper, base, _ = _build("gpt2-conv1d", init_lora_weights=False)
+    _, base, _ = _build("gpt2-conv1d", init_lora_weights=False)
     layer = base.transformer.h[0].attn.c_attn
     assert layer.base_layer.weight.shape == (64, 192)  # in x out
     assert layer.lora_A.weight.shape == (8, 64) and layer.lora_B.weight.shape == (192, 8)
@@ -200,15 +200,14 @@ def test_disable_adapter_gives_base_outputs_and_restores(name, merged):
 def test_disable_adapter_restores_even_when_the_body_raises():
     wrapper, base, _ = _build("llama-linear", init_lora_weights=False)
     adapted = _logits(wrapper)
-    with pytest.raises(KeyError):
-        with wrapper.disable_adapter():
-            raise KeyError("boom")
+    with pytest.raises(KeyError), wrapper.disable_adapter():
+        raise KeyError("boom")
     assert not any(m.disabled for m in base.modules() if isinstance(m, LoRALayer))
     assert torch.equal(_logits(wrapper), adapted)
 
 
 def test_merge_refuses_non_finite_results_and_changes_nothing():
-    wrapper, base, _ = _build("llama-linear", init_lora_weights=False)
+    _, base, _ = _build("llama-linear", init_lora_weights=False)
     layer = base.model.layers[1].mlp.down_proj
     with torch.no_grad():
         layer.lora_B.weight[0, 0] = float("inf")
@@ -219,16 +218,16 @@ def test_merge_refuses_non_finite_results_and_changes_nothing():
 
 
 def test_scaling_multiplies_the_update_and_rslora_uses_sqrt_r():
-    wrapper, base, _ = _build("llama-linear", r=4, lora_alpha=8, use_rslora=True)
+    _, base, _ = _build("llama-linear", r=4, lora_alpha=8, use_rslora=True)
     layer = base.model.layers[0].self_attn.q_proj
     assert layer.scaling == pytest.approx(8 / 2)
-    wrapper2, base2, _ = _build("llama-linear", r=4, lora_alpha=8)
+    _, base2, _ = _build("llama-linear", r=4, lora_alpha=8)
     assert base2.model.layers[0].self_attn.q_proj.scaling == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_optimizer_step_moves_exactly_the_trainable_parameters(name):
-    wrapper, base, _ = _build(name)
+    wrapper, _, _ = _build(name)
     wrapper.train()
     frozen = {n: p.detach().clone() for n, p in wrapper.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}

@@ -17,9 +17,9 @@ from conftest import VOCAB, load_quantized, make_llama, save_base
 from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
 
 bnb = pytest.importorskip("bitsandbytes")
-from bitsandbytes.functional import dequantize_4bit, has_avx512bf16  # noqa: E402
+from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
 
-from hf_lora.quantized import LoRALinear4bit, LoRALinear8bit  # noqa: E402
+from hf_lora.quantized import LoRALinear4bit, LoRALinear8bit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 QUANT_CLASS = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
@@ -108,14 +108,6 @@ def test_wrap_forward_and_fresh_adapter_is_exact(base_dir, ids, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_random_adapter_changes_outputs(base_dir, ids, bits):
-    model = load_quantized(base_dir, bits)
-    base = _base_logits(model, ids, bits)
-    wrapper = wrap(model, LoRAConfig(init_lora_weights=False))
-    assert (_logits(wrapper, ids) - base).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("bits", [4, 8])
 def test_one_optimizer_step_moves_adapter_and_not_the_base(base_dir, ids, bits):
     model = load_quantized(base_dir, bits)
     before = _frozen_bytes(model, bits)
@@ -128,7 +120,7 @@ def test_one_optimizer_step_moves_adapter_and_not_the_base(base_dir, ids, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_merge_is_close_warns_and_unmerge_restores_bit_exactly(base_dir, ids, bits):
+def test_random_adapter_merge_is_close_warns_and_unmerge_restores_bit_exactly(base_dir, ids, bits):
     model = load_quantized(base_dir, bits)
     base = _base_logits(model, ids, bits)
     wrapper = wrap(model, LoRAConfig(init_lora_weights=False))
@@ -144,6 +136,7 @@ def test_merge_is_close_warns_and_unmerge_restores_bit_exactly(base_dir, ids, bi
     assert error <= (0.15 if bits == 4 else 0.01) * expected_weight.abs().max()
     # output level: rounding is small next to what the adapter does
     effect = (unmerged - base).abs().max()
+    assert effect > 0.1  # a random adapter changes the outputs
     assert (_logits(wrapper, ids) - unmerged).abs().max() < (0.5 if bits == 4 else 0.05) * effect
     with warnings.catch_warnings():
         warnings.simplefilter("error")
