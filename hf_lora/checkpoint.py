@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -314,6 +315,26 @@ def _base_parameter(base: nn.Module, key: str) -> nn.Parameter | None:
     return None if param.requires_grad else param
 
 
+def _token_rows(model: nn.Module) -> int | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    weight = getattr(getter(), "weight", None) if callable(getter) else None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _check_token_growth(config: LoRAConfig, rows: int | None, source: Path) -> None:
+    """Refuse token ids that would grow the base embedding absurdly, before anything is allocated."""
+    spec = getattr(config, "trainable_token_indices", None)
+    if not spec or rows is None:
+        return
+    ids = [i for group in (spec.values() if isinstance(spec, Mapping) else [spec]) for i in group]
+    limit = max(2 * rows, rows + 65_536)  # an adapter adds tokens; it does not multiply the vocabulary
+    if ids and max(ids) >= limit:
+        raise ValueError(
+            f"{source}: trainable_token_indices reaches token id {max(ids)}, but the base embedding has {rows} rows; "
+            f"loading would grow it past {limit} rows. Resize the base to your tokenizer first if this is intended."
+        )
+
+
 def load_pretrained(
     base_model: nn.Module, model_id: str, *, is_trainable: bool, revision: str | None, token: str | None, subfolder: str | None,
     strict_base: bool = False,
@@ -325,18 +346,25 @@ def load_pretrained(
     config = drop_absent_modules_to_save(read_config(folder), base_model, str(folder / CONFIG_NAME))
     tensors = drop_duplicate_head_keys(read_tensors(folder))
     check_same_save(folder)
-    resize_for_tokens(base_model, config.trainable_token_indices, str(folder))  # new tokens: grow the base, with a warning
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    rows = _token_rows(base_model)
+    _check_token_growth(config, rows, folder / CONFIG_NAME)
+    resize_for_tokens(base_model, config.trainable_token_indices, str(folder))  # new tokens: grow the base, with a warning
     try:
-        # Planning raises before the model is touched; the message must still name the file.
-        wrapper = LoRAModelWrapper(base_model, without_base_init(config))
-    except ValueError as exc:
-        raise ValueError(f"{folder / CONFIG_NAME}: {exc}") from None
-    try:
-        check_base(recorded_fingerprint(folder / CONFIG_NAME), wrapper, strict=strict_base, source=str(folder))
-        load_tensors_into(wrapper, tensors, str(weights_path(folder)))
+        try:
+            # Planning raises before the model is touched; the message must still name the file.
+            wrapper = LoRAModelWrapper(base_model, without_base_init(config))
+        except ValueError as exc:
+            raise ValueError(f"{folder / CONFIG_NAME}: {exc}") from None
+        try:
+            check_base(recorded_fingerprint(folder / CONFIG_NAME), wrapper, strict=strict_base, source=str(folder))
+            load_tensors_into(wrapper, tensors, str(weights_path(folder)))
+        except BaseException:
+            wrapper._restore_base()
+            raise
     except BaseException:
-        wrapper._restore_base()
+        if rows is not None and _token_rows(base_model) != rows:
+            base_model.resize_token_embeddings(rows)  # keeps the first rows: the original weights, bit for bit
         for name, param in base_model.named_parameters():
             param.requires_grad_(flags.get(name, param.requires_grad))
         raise

@@ -89,10 +89,11 @@ def _load(base: torch.nn.Module, folder: Path, damaged: str, stats: Counter) -> 
     stats[f"damaged {damaged}"] += 1
 
 
-def _report(name: str, stats: Counter) -> int:
+def _report(name: str, stats: Counter, capsys: pytest.CaptureFixture) -> int:
     total = stats["loaded"] + sum(v for k, v in stats.items() if k.startswith("ValueError"))
     details = ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if k != "max_seconds")
-    print(f"\n{name}: {total} cases ({details}); slowest load {stats['max_seconds'] * 1e3:.0f} ms")
+    with capsys.disabled():  # the counts belong in every test log, not only with -s
+        print(f"\n{name}: {total} cases ({details}); slowest load {stats['max_seconds'] * 1e3:.0f} ms")
     return total
 
 
@@ -108,7 +109,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                            max_leaves=8)
 FIELDS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
           "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "task_type",
-          "peft_type", "use_dora", "layers_to_transform", "hf_lora_base", "base_model_name_or_path", "revision"]
+          "peft_type", "use_dora", "lora_bias", "layers_to_transform", "trainable_token_indices", "hf_lora_base",
+          "base_model_name_or_path", "revision"]
 
 
 @st.composite
@@ -146,7 +148,10 @@ def _hostile_configs(config: dict) -> list[tuple[str, bytes]]:
              ("modules_to_save", ["lm_head", "nothing_like_this"]), ("init_lora_weights", "pissa"),
              # exponential-time regexes: must be refused, not hang
              ("rank_pattern", {"(.*)*x": 2}), ("alpha_pattern", {"(.|.)*y": 3.0}), ("target_modules", r"(\w+\.?)*z"),
-             ("layers_pattern", "(a+)+$")]
+             ("layers_pattern", "(a+)+$"),
+             # token rows beyond the vocabulary would grow the base before the weights are checked
+             ("trainable_token_indices", [3]), ("trainable_token_indices", [300]), ("trainable_token_indices", [2**40]),
+             ("trainable_token_indices", [2**31 - 2])]  # 512 GiB of embedding rows: refused before allocating
     out = [(f"config field {k}", json.dumps({**config, k: v}).encode()) for k, v in cases]
     out.append(("config huge integer", json.dumps(config).replace('"r": 4', '"r": ' + "9" * 5000).encode()))
     out.append(("config deep nesting", json.dumps(config).replace('["q_proj"', "[" * 10**6 + "]" * 10**6 + ', ["q_proj"').encode()))
@@ -154,7 +159,7 @@ def _hostile_configs(config: dict) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_fuzz_adapter_config(adapter):
+def test_fuzz_adapter_config(adapter, capsys):
     base, config, tensors = adapter
     stats: Counter = Counter()
     with tempfile.TemporaryDirectory() as root:
@@ -170,7 +175,7 @@ def test_fuzz_adapter_config(adapter):
         for case in _hostile_configs(config):
             check(case)
         SETTINGS(given(case=config_bytes(config))(check))()
-    total = _report("adapter_config.json fuzz", stats)
+    total = _report("adapter_config.json fuzz", stats, capsys)
     assert total >= 100 and stats["loaded"] > 0
     assert sum(v for k, v in stats.items() if k.startswith("ValueError")) > total // 2
 
@@ -230,7 +235,7 @@ def weights_bytes(draw, tensors: dict[str, torch.Tensor]) -> tuple[str, bytes]:
     return kind, blob
 
 
-def test_fuzz_adapter_weights(adapter):
+def test_fuzz_adapter_weights(adapter, capsys):
     base, config, tensors = adapter
     stats: Counter = Counter()
     with tempfile.TemporaryDirectory() as root:
@@ -244,6 +249,6 @@ def test_fuzz_adapter_weights(adapter):
             _load(base, folder, damaged, stats)
 
         SETTINGS(given(case=weights_bytes(tensors))(check))()
-    total = _report("adapter_model.safetensors fuzz", stats)
+    total = _report("adapter_model.safetensors fuzz", stats, capsys)
     assert total >= 100
     assert sum(v for k, v in stats.items() if k.startswith("ValueError")) > total // 2
