@@ -157,6 +157,16 @@ def test_rank_mismatch_between_config_and_weights_is_a_shape_error(tmp_path):
                                r"expects \(4, 64\)")
 
 
+def test_integer_adapter_tensor_is_refused(tmp_path):
+    folder, _ = _saved(tmp_path, make_llama)
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, path)
+    _assert_load_fails(folder, rf"tensor '{re.escape(key)}' has dtype torch\.int32; expected a floating point dtype")
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path):
     folder, _ = _saved(tmp_path, make_llama)
     path = folder / "adapter_model.safetensors"
