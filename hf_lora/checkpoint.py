@@ -317,7 +317,10 @@ def _base_parameter(base: nn.Module, key: str) -> nn.Parameter | None:
 
 def _token_rows(model: nn.Module) -> int | None:
     getter = getattr(model, "get_input_embeddings", None)
-    weight = getattr(getter(), "weight", None) if callable(getter) else None
+    try:
+        weight = getattr(getter(), "weight", None) if callable(getter) else None
+    except (AttributeError, NotImplementedError):  # models without token embeddings
+        return None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
