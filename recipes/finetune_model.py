@@ -67,14 +67,19 @@ class LoRAArguments:
     lora_exclude_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules never adapted."})
     lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r)."})
-    init_lora_weights: str = field(default="true", metadata={"help": "true, false or gaussian."})
+    init_lora_weights: str = field(default="true", metadata={
+        "help": "true, false, gaussian, pissa, pissa_niter_<N> or olora (docs/variants.md)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: trained magnitude x direction (docs/variants.md)."})
+    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={
+        "help": "LoRA+: B trains at this multiple of learning_rate (16 is typical); unset = one rate. "
+                "Not with FSDP/DeepSpeed, which build their own optimizer."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full and saved."})
 
     def to_config(self) -> LoRAConfig:
         init: Any = {"true": True, "false": False}.get(str(self.init_lora_weights).lower(), self.init_lora_weights)
         return LoRAConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, exclude_modules=self.lora_exclude_modules,
-                          bias=self.lora_bias, use_rslora=self.use_rslora, init_lora_weights=init,
+                          bias=self.lora_bias, use_rslora=self.use_rslora, use_dora=self.use_dora, init_lora_weights=init,
                           modules_to_save=self.modules_to_save)
 
 
@@ -156,6 +161,15 @@ def _local_device(args: Any) -> Any:
     if torch.cuda.is_available() and not args.use_cpu:
         return args.local_process_index
     return "cpu"
+
+
+def optimizers(model: Any, args: Any, lora_args: LoRAArguments) -> tuple[Any, None]:
+    """Trainer's ``optimizers``: a LoRA+ optimizer when ``loraplus_lr_ratio`` is set, else Trainer's own."""
+    if lora_args.loraplus_lr_ratio is None:
+        return None, None
+    from hf_lora.optimizers import loraplus_optimizer_from_args
+
+    return loraplus_optimizer_from_args(model, args, lora_args.loraplus_lr_ratio), None
 
 
 def wrap_for_training(base: Any, lora_args: LoRAArguments) -> Any:
