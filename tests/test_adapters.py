@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_gpt2, make_llama
 from safetensors import safe_open
 
 from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
@@ -217,3 +217,25 @@ def test_switching_under_torch_compile_does_not_recompile(folders, tmp_path, ref
     assert not torch.allclose(first, switched)
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["gpt2-conv1d-embedding", "llama-dora"])
+def test_switching_other_layer_kinds(kind, tmp_path, input_ids):
+    make = make_gpt2 if kind.startswith("gpt2") else make_llama
+    extra = {"target_modules": ["attention", "mlp", "embedding"]} if kind.startswith("gpt2") else {"use_dora": True}
+    refs = {}
+    for name, seed, r in [("a", 1, 4), ("b", 2, 8)]:
+        base = make(0)
+        torch.manual_seed(seed)
+        model = wrap(base, LoRAConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, **extra))
+        with torch.no_grad():  # embedding A starts at zero even with init_lora_weights=False
+            for param in model.adapter_parameters().values():
+                param.add_(0.05 * torch.randn_like(param))
+        model.save_pretrained(str(tmp_path / name))
+        refs[name] = _logits(LoRAModelWrapper.from_pretrained(make(0), str(tmp_path / name)), input_ids)
+    model = LoRAModelWrapper.from_pretrained(make(0), str(tmp_path / "a"))
+    model.load_adapter(str(tmp_path / "b"), "b")
+    for name, ref in [("b", refs["b"]), ("default", refs["a"])]:
+        model.set_adapter(name)
+        torch.testing.assert_close(_logits(model, input_ids), ref)
+    assert not torch.allclose(refs["a"], refs["b"])
