@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback
 from conftest import make_llama
 from hf_lora import LoRACallback, LoRAModelWrapper
 from trainer_helpers import (
-    adapter_snapshot, files_in, frozen_snapshot, lora_llama, losses, read_json, safetensors_payload, token_dataset,
+    StopAfter, adapter_snapshot, files_in, frozen_snapshot, lora_llama, losses, read_json, safetensors_payload, token_dataset,
     trainer_args,
 )
 
@@ -25,18 +25,6 @@ ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"
 
 def _adapter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.adapter_parameters().values())
-
-
-class StopAfter(TrainerCallback):
-    """Simulates a killed run: stop right after optimizer step ``step`` (its checkpoint is saved)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 class GradRecorder(TrainerCallback):

@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from conftest import load_quantized, make_llama, save_base
 from hf_lora import LoRACallback, LoRAConfig, prepare_for_kbit_training, wrap
-from trainer_helpers import adapter_snapshot, files_in, losses, safetensors_payload, token_dataset, trainer_args
+from trainer_helpers import StopAfter, adapter_snapshot, files_in, losses, safetensors_payload, token_dataset, trainer_args
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -118,3 +118,25 @@ def test_a_quantized_base_is_never_cast_by_to_dtype(tmp_path, base_dir):
     after = _quantized_weights(base)
     assert after.keys() == packed.keys() and all(torch.equal(after[k], packed[k]) for k in packed)
     assert all(p.dtype == torch.float32 for p in model.adapter_parameters().values())
+
+
+def test_qlora_4bit_resume_is_bit_exact(tmp_path, base_dir):
+    # bitsandbytes on CPU can repack 4-bit weights during eval forwards; evaluation during
+    # training must still leave the frozen base, and so the resumed run, unchanged.
+    def run(output_dir, init_seed, stop=None, resume=False):
+        base = load_quantized(base_dir, 4)
+        torch.manual_seed(init_seed)
+        model = wrap(base, LoRAConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+        args = trainer_args(output_dir, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                            eval_steps=2, per_device_train_batch_size=2)
+        callbacks = [LoRACallback()] + ([stop] if stop else [])
+        trainer = Trainer(model=model, args=args, train_dataset=token_dataset(8), eval_dataset=token_dataset(2, seed=3),
+                          callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return model
+
+    full = run(tmp_path / "a", 0)
+    run(tmp_path / "b", 0, stop=StopAfter(2))
+    resumed = run(tmp_path / "b", 7, resume=True)
+    for key, value in full.adapter_parameters().items():
+        assert torch.equal(resumed.adapter_parameters()[key], value), key

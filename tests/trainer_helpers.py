@@ -9,10 +9,23 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers import TrainerCallback
 
 from conftest import VOCAB, make_llama
 
 SEQ_LEN = 16
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a killed run: stop right after optimizer step ``step`` (its checkpoint is saved)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def token_dataset(n: int = 8, length: int = SEQ_LEN, seed: int = 0, *, extra_column: bool = False, masked: bool = False):
