@@ -296,6 +296,15 @@ def test_gradient_accumulation_scales_like_the_unwrapped_model(tmp_path):
     assert loss_ga == pytest.approx(losses(plain_trainer)[0], rel=1e-5)
 
 
+class FeatureProbe(TrainerCallback):
+    """Records, during training, the NEFTune alpha set on the input embeddings."""
+
+    neftune_alpha = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.neftune_alpha = getattr(model.get_input_embeddings(), "neftune_noise_alpha", None)
+
+
 @pytest.mark.parametrize(
     "feature",
     [
@@ -309,8 +318,16 @@ def test_trainer_features_train_the_adapter(tmp_path, feature):
     model = lora_llama()
     before = adapter_snapshot(model)
     args = trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **feature)
-    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(4), callbacks=[LoRACallback()])
+    probe = FeatureProbe()
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(4), callbacks=[LoRACallback(), probe])
     trainer.train()
+    # The feature really was active (not silently dropped because the model is a wrapper).
+    if "neftune_noise_alpha" in feature:
+        assert probe.neftune_alpha == 5.0
+    if "train_sampling_strategy" in feature:
+        assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+    if "torch_compile" in feature:
+        assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     assert all(not torch.equal(v, before[k]) for k, v in model.adapter_parameters().items() if "lora_B" in k)
     saved = safetensors_payload(tmp_path / "checkpoint-2" / "model.safetensors")
     assert set(saved) == {f"base_model.{k}" for k in model.adapter_parameters()}
