@@ -33,6 +33,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .layers import LoRALayer
+from .safe_io import safe_join
 from .state import lora_layers, peft_key
 
 if TYPE_CHECKING:
@@ -337,7 +338,8 @@ def save_adapters(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str]
         _check_known(found, name)
     written = []
     for name in names:
-        folder = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / check_adapter_name(name)
+        # safe_join: a symlink named like the adapter must not send the files outside `directory`.
+        folder = Path(directory) if name == DEFAULT_ADAPTER else safe_join(directory, check_adapter_name(name), what="adapter name")
         with use_adapter(wrapper, name):
             written.append(save_adapter(wrapper, folder, **card_fields))
     return written

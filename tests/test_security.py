@@ -268,3 +268,18 @@ def test_load_adapter_subfolder_cannot_leave_the_folder(tmp_path):
     assert list(model.adapters) == ["default"]
     model.load_adapter(str(root), adapter_name="second", subfolder="inner")
     assert sorted(model.adapters) == ["default", "second"]
+
+
+def test_saving_adapters_refuses_a_symlink_named_like_an_adapter(tmp_path):
+    model = wrap(make_llama(), CONFIG)
+    model.load_adapter(str(_saved_adapter(tmp_path / "adapter")), adapter_name="second")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "second").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"adapter name='second' resolves to .*elsewhere.*, outside .*out"):
+        model.save_pretrained(str(out))
+    assert list(elsewhere.iterdir()) == []
+    (out / "second").unlink()
+    model.save_pretrained(str(out))
+    assert (out / "second" / "adapter_model.safetensors").is_file()
