@@ -4,6 +4,8 @@ Each output row of the adapted weight is rescaled to a trained length::
 
     W' = m * (W + s B A) / ||W + s B A||        (norms per output feature, i.e. per row of the out x in matrix)
 
+(for embeddings, per embedding dimension: the norm runs over the vocabulary, as in PEFT)
+
 ``m`` (``lora_magnitude_vector``, one entry per output feature) starts at ``||W||``, so with
 ``B = 0`` a fresh adapter is the identity. As the paper suggests (section 4.3), the norm is
 treated as a constant in the backward pass (detached): gradients flow to ``m``, ``A`` and ``B``
@@ -28,22 +30,28 @@ from typing import Any
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from .config import InitMode
-from .layers import LoRAConv1D, LoRALayer, LoRALinear
+from .layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from .quantized import LoRALinear4bit, LoRALinear8bit
 
 
 class DoRAMixin:
-    """DoRA on top of a `LoRALinear` kind; put it first in the bases."""
+    """DoRA on top of a LoRA kind; put it first in the bases.
+
+    The maths works on a "view" of the weight whose rows (``_norm_dim = 1``: Linear, ``out x in``)
+    or columns (``_norm_dim = 0``: Embedding, ``vocab x dim``) are the features that get a magnitude.
+    """
 
     adapter_attribute_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    _norm_dim = 1
 
     def __init__(self, base_layer: nn.Module, *, r: int, scaling: float, dropout: float, init: InitMode) -> None:
         super().__init__(base_layer, r=r, scaling=scaling, dropout=dropout, init=init)  # type: ignore[call-arg]
-        out_features = self.lora_B.weight.shape[0]
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=self.lora_A.weight.device, dtype=torch.float32))
         self._merge_scale: torch.Tensor | None = None  # k at merge time, to unmerge by division
-        self.reset_magnitude()
+        # m starts at the current norm, so the layer computes W + s B A exactly (k = 1).
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().clone())
 
     # --- the decomposition ------------------------------------------------------------------
 
@@ -56,10 +64,17 @@ class DoRAMixin:
         """``s B A`` as fp32 ``out x in``."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def _to_base_layout(self, view: torch.Tensor) -> torch.Tensor:
+        return view.T if isinstance(self, LoRAConv1D) else view
+
+    def _per_feature(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` shaped to multiply the view feature-wise."""
+        return scale[:, None] if self._norm_dim == 1 else scale[None, :]
+
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """``||W + s B A||`` per output feature, without gradient (paper, section 4.3)."""
-        return torch.linalg.vector_norm(self._dense_base() + self._lora_matrix(), dim=1)
+        """``||W + s B A||`` per feature, without gradient (paper, section 4.3)."""
+        return torch.linalg.vector_norm(self._dense_base() + self._lora_matrix(), dim=self._norm_dim)
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
@@ -81,13 +96,14 @@ class DoRAMixin:
         lora = self._lora_matrix()
         if self.merged and self._merge_scale is not None:
             merged = self._dense_base()
-            scale = self._merge_scale[:, None]
+            scale = self._per_feature(self._merge_scale)
             delta = merged - (merged / scale - lora)
         else:
             base = self._dense_base()
-            scale = (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(base + lora, dim=1))[:, None]
+            norm = torch.linalg.vector_norm(base + lora, dim=self._norm_dim)
+            scale = self._per_feature(self.lora_magnitude_vector.float() / norm)
             delta = (scale - 1) * base + scale * lora
-        return delta.T if isinstance(self, LoRAConv1D) else delta
+        return self._to_base_layout(delta)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
@@ -118,6 +134,40 @@ class DoRAMixin:
         return super().extra_repr() + ", dora=True"  # type: ignore[misc]
 
 
+class DoRAEmbedding(DoRAMixin, LoRAEmbedding):
+    """DoRA on ``torch.nn.Embedding``: one magnitude per embedding dimension (PEFT's layout).
+
+    The norm is taken over the vocabulary for each of the ``dim`` columns of ``W + s (B A)^T``,
+    and ``y = k * (W[x] + s A^T[x] B^T)``.
+    """
+
+    adapter_attribute_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    _norm_dim = 0
+
+    def _dense_base(self) -> torch.Tensor:
+        return self.read_base_weight()
+
+    def _lora_matrix(self) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def _to_base_layout(self, view: torch.Tensor) -> torch.Tensor:
+        return view
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return result
+        base = self.base_layer
+        rows = F.embedding(x, self.lora_embedding_A.T, padding_idx=base.padding_idx,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        update = (rows * self.scaling) @ self.lora_embedding_B.T
+        embed_scale = getattr(base, "embed_scale", None)  # e.g. Gemma: the base output already has it
+        if embed_scale is not None:
+            update = update * embed_scale
+        scale = self.magnitude_scale()
+        return (scale * result.to(update.dtype) + scale * update).to(result.dtype)
+
+
 class DoRALinear(DoRAMixin, LoRALinear):
     """DoRA on ``torch.nn.Linear``."""
 
@@ -140,6 +190,7 @@ _DORA_CLASSES: tuple[tuple[type[LoRALayer], type[LoRALayer]], ...] = (
     (LoRALinear8bit, DoRALinear8bit),
     (LoRAConv1D, DoRAConv1D),
     (LoRALinear, DoRALinear),
+    (LoRAEmbedding, DoRAEmbedding),
 )
 
 
@@ -150,5 +201,5 @@ def dora_class_for(lora_class: type[LoRALayer], path: str) -> type[LoRALayer]:
             return dora
     raise ValueError(
         f"use_dora=True is not supported for module {path!r} ({lora_class.__name__}); DoRA supports Linear, "
-        "Conv1D and bitsandbytes 4/8-bit layers. Exclude it (exclude_modules) or set use_dora=False."
+        "Embedding, Conv1D and bitsandbytes 4/8-bit layers. Exclude it (exclude_modules) or set use_dora=False."
     )

@@ -164,9 +164,41 @@ def test_magnitude_trains_without_weight_decay_in_loraplus():
     assert {id(p) for p in groups["no_decay"]["params"]} == mags and groups["no_decay"]["weight_decay"] == 0.0
 
 
+def test_embedding_dora_identity_merge_and_peft_parity(tmp_path, input_ids):
+    from peft import PeftModel, get_peft_model
+
+    from hf_lora.dora import DoRAEmbedding
+
+    expected = make_llama()(input_ids=input_ids).logits
+    model = wrap(make_llama(), _cfg(["embed_tokens", "q_proj"]))
+    emb = model.base_model.model.embed_tokens
+    assert type(emb) is DoRAEmbedding and emb.lora_magnitude_vector.shape == (64,)  # one per embedding dimension
+    torch.testing.assert_close(emb.lora_magnitude_vector.detach(), emb.base_layer.weight.norm(dim=0))
+    torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=1e-6)
+    _perturb(model.adapter_parameters().values())
+    trained = model(input_ids=input_ids).logits
+    model.merge(keep_original=False)
+    torch.testing.assert_close(model(input_ids=input_ids).logits, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb.base_layer.weight.norm(dim=0), emb.lora_magnitude_vector.detach().abs(), rtol=1e-5, atol=1e-6)
+    model.unmerge()
+    torch.testing.assert_close(model(input_ids=input_ids).logits, trained, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(str(tmp_path / "ours"))
+    peft_model = PeftModel.from_pretrained(make_llama(), str(tmp_path / "ours"))
+    torch.testing.assert_close(peft_model(input_ids=input_ids).logits, trained, rtol=1e-5, atol=1e-5)
+    theirs = get_peft_model(make_llama(), _peft_cfg(["embed_tokens", "q_proj"])).eval()
+    _perturb([p for p in theirs.parameters() if p.requires_grad], seed=2)
+    their_logits = theirs(input_ids=input_ids).logits
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = LoRAModelWrapper.from_pretrained(make_llama(), str(tmp_path / "theirs"))
+    torch.testing.assert_close(ours(input_ids=input_ids).logits, their_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
-    with pytest.raises(ValueError, match=r"use_dora=True is not supported for module 'model.embed_tokens' \(LoRAEmbedding\)"):
-        wrap(make_llama(), _cfg(["q_proj", "embed_tokens"]))
+    from hf_lora.dora import dora_class_for
+    from hf_lora.layers import LoRALayer
+
+    with pytest.raises(ValueError, match=r"use_dora=True is not supported for module 'x' \(LoRALayer\)"):
+        dora_class_for(LoRALayer, "x")
     with pytest.raises(ValueError, match=r"LoRAConfig.use_dora='yes' is invalid: expected True or False"):
         LoRAConfig(use_dora="yes")
     assert LoRAConfig.from_dict({"target_modules": ["q_proj"], "use_dora": True}).use_dora is True
