@@ -54,8 +54,13 @@ def _names(items: list[str]) -> str:
 
 
 def _reentrant_checkpointing(args: TrainingArguments) -> bool:
-    # transformers defaults use_reentrant to False when no kwargs are given.
-    return bool(args.gradient_checkpointing) and bool((args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
+    # transformers >= 5.x names it activation_checkpointing (gradient_checkpointing is a deprecated
+    # mirror); without kwargs, use_reentrant defaults to False.
+    enabled = getattr(args, "activation_checkpointing", None)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    if enabled is None:
+        enabled, kwargs = args.gradient_checkpointing, args.gradient_checkpointing_kwargs
+    return bool(enabled) and bool((kwargs or {}).get("use_reentrant", False))
 
 
 def _gradient_error(report: GradientReport, args: TrainingArguments) -> RuntimeError:
@@ -67,7 +72,7 @@ def _gradient_error(report: GradientReport, args: TrainingArguments) -> RuntimeE
             "  - reentrant gradient checkpointing over inputs that do not require grad"
             + (" (this run uses use_reentrant=True)" if reentrant else "")
             + ": keep the input-grad hook (model.get_base_model().enable_input_require_grads(), or "
-            "hf_lora.prepare_for_kbit_training) or pass gradient_checkpointing_kwargs={'use_reentrant': False};",
+            "hf_lora.prepare_for_kbit_training) or pass activation_checkpointing_kwargs={'use_reentrant': False};",
             "  - the adapters are merged (model.merge()) or disabled (disable_adapter()): call model.unmerge() before training;",
             "  - the forward never reaches the adapted module (check target_modules with `hf-lora inspect`).",
         ]
@@ -128,7 +133,7 @@ class LoRACallback(TrainerCallback):
             logger.warning(
                 "hf_lora: reentrant gradient checkpointing is on but the input embeddings' output does not "
                 "require grad (no input-grad hook), so adapters inside checkpointed blocks get no gradient. "
-                "Call hf_lora.prepare_for_kbit_training(model) or use gradient_checkpointing_kwargs={'use_reentrant': False}."
+                "Call hf_lora.prepare_for_kbit_training(model) or use activation_checkpointing_kwargs={'use_reentrant': False}."
             )
         if state.is_world_process_zero:
             trainable, total = model.trainable_parameters()

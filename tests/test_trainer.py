@@ -146,8 +146,8 @@ def test_gradient_guard_fires_on_reentrant_checkpointing_without_input_grads(tmp
     # lm_head is adapted too, so the loss still requires grad and backward runs; the layers'
     # adapters sit inside reentrant checkpoints whose inputs do not require grad.
     model = lora_llama(target_modules=["q_proj", "v_proj", "lm_head"])
-    args = trainer_args(tmp_path, max_steps=2, gradient_checkpointing=True,
-                        gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = trainer_args(tmp_path, max_steps=2, activation_checkpointing=True,
+                        activation_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(4),
                       callbacks=[DropInputGradHook(), LoRACallback()])
     with caplog.at_level(logging.WARNING, logger="hf_lora"):
@@ -242,14 +242,14 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
 def test_gradient_checkpointing_trains_every_adapter(tmp_path, caplog, reentrant):
     model = lora_llama()
     before = adapter_snapshot(model)
-    args = trainer_args(tmp_path, max_steps=3, gradient_checkpointing=True,
-                        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    args = trainer_args(tmp_path, max_steps=3, activation_checkpointing=True,
+                        activation_checkpointing_kwargs={"use_reentrant": reentrant})
     with caplog.at_level(logging.WARNING, logger="hf_lora"):
         Trainer(model=model, args=args, train_dataset=token_dataset(4), callbacks=[LoRACallback()]).train()
     assert not [r for r in caplog.records if "input-grad hook" in r.getMessage()]
     model.base_model.disable_input_require_grads()  # the hook was installed once, so it can be removed
     assert not model.base_model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
-    assert model.base_model.is_gradient_checkpointing
+    assert model.base_model.is_activation_checkpointing
     changed = [k for k, v in model.adapter_parameters().items() if not torch.equal(v, before[k])]
     assert sorted(changed) == sorted(before)
 
