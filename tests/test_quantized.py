@@ -213,3 +213,25 @@ def test_the_trap_is_real_here_and_wrap_repairs_a_repacked_base(base_dir, ids):
     assert dequantized.shape == (128, 64)
     with wrapper.disable_adapter():
         torch.testing.assert_close(_logits(wrapper, ids), expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_qlora_step_merge_and_bit_exact_unmerge(base_dir, ids, bits):
+    """The CUDA kernels of bitsandbytes store their state differently from the CPU backend."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, device_map="cuda").eval()
+    ids = ids.cuda()
+    before = _frozen_bytes(model, bits)
+    wrapper = wrap(model, LoRAConfig(init_lora_weights=False))
+    _train_step(wrapper, ids)
+    _assert_same_bytes(before, _frozen_bytes(model, bits))
+    unmerged = _logits(wrapper, ids)
+    wrapper.merge()
+    assert (_logits(wrapper, ids) - unmerged).abs().max() < 0.5 * unmerged.abs().max()
+    wrapper.unmerge()
+    _assert_same_bytes(before, _frozen_bytes(model, bits))
+    assert torch.equal(_logits(wrapper, ids), unmerged)
