@@ -38,7 +38,8 @@ def model_card(
 
     cfg = wrapper.lora_config
     base_id = _base_name_or_path(wrapper.base_model)
-    trainable, total = wrapper.trainable_parameters()
+    _, total = wrapper.trainable_parameters()
+    # From the adapter itself, not requires_grad: an adapter loaded for inference is frozen.
     adapter_params = sum(p.numel() for p in wrapper.adapter_parameters().values())
     tags = ["hf-lora", "lora", "peft"]
     tags += [t for t in dict.fromkeys(extra_tags) if t not in tags]
@@ -70,7 +71,7 @@ def model_card(
         f"| target_modules | {', '.join(targets) if isinstance(targets, list) else targets} |",
         f"| use_rslora | {cfg.use_rslora} |",
         f"| adapter parameters | {adapter_params:,d} |",
-        f"| trainable % of base | {100 * trainable / max(total, 1):.4f} |",
+        f"| trainable % of base | {100 * adapter_params / max(total, 1):.4f} |",
     ]
     if metrics:
         body += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]

@@ -135,6 +135,17 @@ def test_model_push_to_hub_uploads_exactly_the_adapter_folder(monkeypatch):
     assert f"base_model:adapter:{BASE_ID}" in meta["tags"]
     assert "| lora_alpha | 8 |" in upload["files"]["README.md"].decode()
     assert all(TOKEN.encode() not in content for content in upload["files"].values())
+    trainable, total = model.trainable_parameters()
+    assert f"| trainable % of base | {100 * trainable / total:.4f} |" in upload["files"]["README.md"].decode()
+
+
+def test_card_of_a_frozen_adapter_still_states_its_share_of_the_model():
+    from hf_lora.hub import model_card
+
+    model = wrap(_named_base(), LoRAConfig(r=2, target_modules=["q_proj"]))
+    trainable, total = model.trainable_parameters()
+    model.requires_grad_(False)  # what from_pretrained(is_trainable=False) leaves
+    assert f"| trainable % of base | {100 * trainable / total:.4f} |" in model_card(model)
 
 
 def test_hub_token_in_training_arguments_is_warned_about(tmp_path, caplog):
