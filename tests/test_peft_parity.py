@@ -26,8 +26,8 @@ LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 CASES = {
     "linear": (make_llama, {"target_modules": ["attention", "mlp"]}, {"target_modules": LLAMA_ALL}),
     "embedding": (make_llama, {"target_modules": ["embedding"]}, {"target_modules": ["embed_tokens"]}),
-    "conv1d": (make_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"]},
-               {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
+    "conv1d+tied-wte": (make_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc", "wte"]},
+                        {"target_modules": ["c_attn", "c_proj", "c_fc", "wte"], "fan_in_fan_out": True}),
     "patterns+rslora": (
         make_llama,
         {"target_modules": ["attention"], "r": 4, "lora_alpha": 8, "use_rslora": True,
