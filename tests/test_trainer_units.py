@@ -72,3 +72,25 @@ def test_training_metrics_keep_the_latest_loss_and_eval_values():
     ]
     assert training_metrics(history) == {"loss": 3.0, "eval_loss": 4.0, "train_loss": 4.0}
     assert training_metrics([]) == {}
+
+
+def test_on_save_writes_into_the_step_folder_and_skips_a_missing_one(tmp_path, model, caplog):
+    import logging
+
+    from transformers import TrainerControl, TrainerState
+
+    from hf_lora import LoRACallback
+
+    args, control = trainer_args(tmp_path), TrainerControl()
+    (tmp_path / "checkpoint-3").mkdir()
+    LoRACallback().on_save(args, TrainerState(global_step=3), control, model=model)
+    assert {p.name for p in (tmp_path / "checkpoint-3").iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+    (tmp_path / "checkpoint-4").mkdir()
+    LoRACallback(save_adapter=False).on_save(args, TrainerState(global_step=4), control, model=model)
+    assert not list((tmp_path / "checkpoint-4").iterdir())
+
+    with caplog.at_level(logging.WARNING, logger="hf_lora"):
+        LoRACallback().on_save(args, TrainerState(global_step=5), control, model=model)  # e.g. under HP search
+    assert not (tmp_path / "checkpoint-5").exists()
+    assert any("checkpoint-5 not found" in r.getMessage() for r in caplog.records)
