@@ -301,7 +301,9 @@ def load_adapter(
     token: str | None = None, subfolder: str | None = None, strict_base: bool = False,
 ) -> None:
     """Read an adapter folder or Hub repo (ours or PEFT's) and register it under ``name``, inactive."""
-    from .checkpoint import CONFIG_NAME, check_same_save, read_config, read_tensors, resolve_adapter_folder
+    from .checkpoint import (
+        CONFIG_NAME, check_same_save, check_tensor_values, read_config, read_tensors, resolve_adapter_folder, weights_path,
+    )
     from .fingerprint import check_base, recorded_fingerprint
     from .init import modifies_base, without_base_init
 
@@ -314,12 +316,14 @@ def load_adapter(
     config = without_base_init(read_config(folder))
     by_key = {peft_key(path): path for path in _slots(wrapper)}
     tensors = {by_key.get(key, key): tensor for key, tensor in read_tensors(folder).items()}
+    check_tensor_values(tensors, str(weights_path(folder)))
     check_same_save(folder)
+    _check_compatible(found.entries[found.active].config, config, str(folder / CONFIG_NAME))  # errors name the file
     check_base(recorded_fingerprint(folder / CONFIG_NAME), wrapper, strict=strict_base, source=str(folder))
     layer_paths = [path for path, _ in lora_layers(wrapper.base_model)]
     stored = StoredAdapter(config, tensors, {p: config.rank_for(p) for p in layer_paths},
                            {p: config.scaling_for(p) for p in layer_paths})
-    register(wrapper, name, stored, str(folder))
+    register(wrapper, name, stored, str(weights_path(folder)))
 
 
 def save_adapters(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str],

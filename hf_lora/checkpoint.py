@@ -299,6 +299,15 @@ def load_tensors_into(wrapper: "LoRAModelWrapper", tensors: dict[str, torch.Tens
                 param.copy_(tensor.to(param.dtype))
 
 
+def check_tensor_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse adapter tensors that are not floating point or hold NaN/inf (``ValueError`` naming ``source``)."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{source}: tensor {key!r} has dtype {tensor.dtype}; expected a floating point dtype.")
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise ValueError(f"{source}: tensor {key!r} contains NaN or infinite values.")
+
+
 def _check_shape(source: str, key: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if found != expected:
         raise ValueError(f"{source}: tensor {key!r} has shape {found} but the model expects {expected}.")

@@ -293,6 +293,11 @@ class LoRAConfig:
 
     # --- serialisation --------------------------------------------------------------------------
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only mapping fields cannot be pickled; rebuild from the plain dict instead, so
+        # pickle and copy.deepcopy work on configs and on wrapped models.
+        return (_rebuild, (type(self), self.to_dict()))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of the fields."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -336,6 +341,10 @@ class LoRAConfig:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: {exc}") from None
+
+
+def _rebuild(cls: type[LoRAConfig], data: dict[str, Any]) -> LoRAConfig:
+    return cls(**data)
 
 
 def _lookup_pattern(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

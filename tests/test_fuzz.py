@@ -48,6 +48,8 @@ def adapter():
 
 
 def _state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]], dict[str, bool]]:
+    if isinstance(model, LoRAModelWrapper):  # its state_dict holds the active adapter only: look at everything
+        return (*_state(model.get_base_model()), sorted(model.adapters), model.active_adapter)
     return (
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         [(name, type(module)) for name, module in model.named_modules()],
@@ -56,9 +58,10 @@ def _state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[
 
 
 def _same_state(before, after) -> bool:
-    tensors_a, modules_a, flags_a = before
-    tensors_b, modules_b, flags_b = after
+    tensors_a, modules_a, flags_a, *rest_a = before
+    tensors_b, modules_b, flags_b, *rest_b = after
     return (
+        rest_a == rest_b and
         tensors_a.keys() == tensors_b.keys()
         and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
         and modules_a == modules_b
@@ -67,14 +70,20 @@ def _same_state(before, after) -> bool:
 
 
 def _load(base: torch.nn.Module, folder: Path, damaged: str, stats: Counter) -> None:
-    """Load ``folder`` onto a copy of ``base`` and check the outcome (see module docstring)."""
+    """Load ``folder`` onto a copy of ``base`` and check the outcome (see module docstring).
+
+    A plain base gets ``from_pretrained``; a wrapped one gets ``load_adapter`` (a second adapter).
+    """
     model = copy.deepcopy(base)
     before = _state(model)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            LoRAModelWrapper.from_pretrained(model, str(folder))
+            if isinstance(model, LoRAModelWrapper):
+                model.load_adapter(str(folder), adapter_name="second")
+            else:
+                LoRAModelWrapper.from_pretrained(model, str(folder))
     except ValueError as exc:
         message = str(exc)
         assert str(folder) in message, f"error does not name the folder: {message}"
@@ -252,3 +261,31 @@ def test_fuzz_adapter_weights(adapter, capsys):
     total = _report("adapter_model.safetensors fuzz", stats, capsys)
     assert total >= 100
     assert sum(v for k, v in stats.items() if k.startswith("ValueError")) > total // 2
+
+
+def test_fuzz_load_adapter_into_a_wrapped_model(adapter, capsys):
+    """The same damaged files loaded as a second adapter: the wrapped model and its adapters stay as they were."""
+    base, config, tensors = adapter
+    wrapped = wrap(copy.deepcopy(base), LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    stats: Counter = Counter()
+    small = settings(SETTINGS, max_examples=100)
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "adapter"
+        folder.mkdir()
+
+        def check_config(case: tuple[str, bytes]) -> None:
+            save_file(tensors, str(folder / WEIGHTS_NAME))
+            (folder / CONFIG_NAME).write_bytes(case[1])
+            _load(wrapped, folder, case[0].split(" field ")[0], stats)
+
+        def check_weights(case: tuple[str, bytes]) -> None:
+            (folder / CONFIG_NAME).write_text(json.dumps(config))
+            (folder / WEIGHTS_NAME).write_bytes(case[1])
+            _load(wrapped, folder, case[0], stats)
+
+        for case in _hostile_configs(config):
+            check_config(case)
+        small(given(case=config_bytes(config))(check_config))()
+        small(given(case=weights_bytes(tensors))(check_weights))()
+    total = _report("load_adapter fuzz", stats, capsys)
+    assert total >= 150 and stats["loaded"] > 0

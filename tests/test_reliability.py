@@ -338,3 +338,16 @@ def test_every_file_hf_lora_writes_goes_through_atomic_write():
             if writes.search(code) and "tmp" not in code:
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert offenders == [], "write through hf_lora.safe_io.atomic_write instead:\n" + "\n".join(offenders)
+
+
+def test_configs_and_wrapped_models_can_be_copied_and_pickled():
+    """Read-only mapping fields once made copy.deepcopy(wrapped_model) and pickling raise TypeError."""
+    import pickle
+
+    config = LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 3.0})
+    assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
+    model = wrap(make_llama(), config)
+    clone = copy.deepcopy(model)
+    assert clone.lora_config == config and type(clone) is type(model)
+    for key, value in pickle.loads(pickle.dumps(model)).adapter_parameters().items():
+        assert torch.equal(value, model.adapter_parameters()[key])
