@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["adapter_update", "applies", "draw_seed", "drop_positions", "dropout_keep_mask", "enabled", "use_fused"]
@@ -130,54 +132,88 @@ def _dropped_input(x2d: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | N
     return _zero_dropped_(copy, mask)
 
 
-class _LoRAUpdate(torch.autograd.Function):
-    """``result + scale * (drop(x) @ A.T) @ B.T`` with ``scale = scaling / (1 - p)``."""
+@dataclass(frozen=True)
+class _Plan:
+    """The non-tensor arguments of one fused call."""
+
+    scale: float  # scaling / (1 - p)
+    p: float
+    seed: int
+    dtype: torch.dtype  # adapter matmuls
+    base_dtype: torch.dtype | None  # base matmul, when the base is computed here
+    inplace: bool  # add into the given base output in place
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``base(x) + scale * (drop(x) @ A.T) @ B.T``; the base is computed here or passed in."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-        scale: float, p: float, seed: int, dtype: torch.dtype, inplace: bool,
+        ctx: Any, result: torch.Tensor | None, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+        base_weight: torch.Tensor | None, base_bias: torch.Tensor | None, plan: _Plan,
     ) -> torch.Tensor:
+        dtype = plan.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, x.shape[-1])
-            mask = _drop_mask(x2d, p, seed) if p else None
-            hidden = _dropped_input(x2d, dtype, mask) @ weight_a.to(dtype).t()
-            hidden.mul_(scale)
+            if base_weight is not None:  # our own fresh output: always updated in place
+                bias = None if base_bias is None else base_bias.to(plan.base_dtype)
+                out2d = F.linear(x2d.to(plan.base_dtype), base_weight.to(plan.base_dtype), bias)
+            else:
+                out2d = result.view(-1, result.shape[-1]) if plan.inplace else result.reshape(-1, result.shape[-1])
+            inplace = plan.inplace or base_weight is not None
+            mask = _drop_mask(x2d, plan.p, plan.seed) if plan.p else None
+            hidden = (_dropped_input(x2d, dtype, mask) @ weight_a.to(dtype).t()).mul_(plan.scale)
             b_t = weight_b.to(dtype).t()
-            out2d = result.view(-1, result.shape[-1]) if inplace else result.reshape(-1, result.shape[-1])
-            if result.dtype == dtype:
+            if out2d.dtype == dtype:
                 out2d = out2d.addmm_(hidden, b_t) if inplace else torch.addmm(out2d, hidden, b_t)
             else:
-                out2d = out2d.add_(hidden @ b_t) if inplace else out2d + (hidden @ b_t).to(result.dtype)
-        ctx.save_for_backward(x, weight_a, weight_b, hidden)
-        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
-        if inplace:
+                out2d = out2d.add_(hidden @ b_t) if inplace else out2d + (hidden @ b_t).to(out2d.dtype)
+        ctx.save_for_backward(x, weight_a, weight_b, hidden, base_weight)
+        ctx.plan, ctx.bias_dtype = plan, None if base_bias is None else base_bias.dtype
+        if base_weight is None and plan.inplace:
             ctx.mark_dirty(result)
             return result
-        return out2d.view(result.shape)
+        return out2d.view(*x.shape[:-1], out2d.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight_a, weight_b, hidden = ctx.saved_tensors
-        dtype, needs = ctx.dtype, ctx.needs_input_grad
-        grad_x = grad_a = grad_b = None
+        x, weight_a, weight_b, hidden, base_weight = ctx.saved_tensors
+        plan, needs = ctx.plan, ctx.needs_input_grad
+        dtype = plan.dtype
+        grad_x = grad_a = grad_b = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
-            g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            g2d = grad_out.reshape(-1, grad_out.shape[-1])
+            g_adapter = g2d.to(dtype)
             if needs[3]:
-                grad_b = (g2d.t() @ hidden).to(weight_b.dtype)
+                grad_b = (g_adapter.t() @ hidden).to(weight_b.dtype)
             if needs[1] or needs[2]:
-                grad_hidden = (g2d @ weight_b.to(dtype)).mul_(ctx.scale)
+                grad_hidden = (g_adapter @ weight_b.to(dtype)).mul_(plan.scale)
                 x2d = x.reshape(-1, x.shape[-1])
-                mask = _drop_mask(x2d, ctx.p, ctx.seed) if ctx.p else None  # regenerated, not stored
+                mask = _drop_mask(x2d, plan.p, plan.seed) if plan.p else None  # regenerated, not stored
                 if needs[2]:
                     grad_a = (grad_hidden.t() @ _dropped_input(x2d, dtype, mask)).to(weight_a.dtype)
                 if needs[1]:
-                    grad_x = grad_hidden @ weight_a.to(dtype)
-                    if mask is not None:
-                        grad_x = _zero_dropped_(grad_x, mask)
+                    grad_x = _input_grad(g2d, grad_hidden, weight_a.to(dtype), base_weight, plan, mask)
                     grad_x = grad_x.to(x.dtype).view(x.shape)
+            if needs[5]:
+                grad_bias = g2d.sum(0).to(ctx.bias_dtype)
         grad_result = grad_out if needs[0] else None
-        return grad_result, grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_result, grad_x, grad_a, grad_b, None, grad_bias, None
+
+
+def _input_grad(
+    g2d: torch.Tensor, grad_hidden: torch.Tensor, weight_a: torch.Tensor, base_weight: torch.Tensor | None,
+    plan: _Plan, mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gradient of the input: the adapter's share, plus the base's when the base ran here."""
+    if base_weight is None:
+        grad = grad_hidden @ weight_a
+        return grad if mask is None else _zero_dropped_(grad, mask)
+    grad = g2d.to(plan.base_dtype) @ base_weight.to(plan.base_dtype)
+    if mask is None and grad.dtype == grad_hidden.dtype:
+        return grad.addmm_(grad_hidden, weight_a)  # no separate tensor for the adapter's share
+    adapter = grad_hidden @ weight_a
+    return grad.add_(adapter if mask is None else _zero_dropped_(adapter, mask))
 
 
 def _plain(module: nn.Module, *types: type) -> bool:
@@ -191,16 +227,32 @@ def _qualname(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def applies(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> bool:
+def _base_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the base ``nn.Linear`` computes in for ``x``, or ``None`` if it cannot be fused."""
+    if not _plain(base, nn.Linear) or type(base.weight) is not nn.Parameter or base.weight.requires_grad:
+        return None
+    weight, bias = base.weight, base.bias
+    if weight.dtype not in _FLOAT_DTYPES or weight.device != x.device:
+        return None
+    if bias is not None and (type(bias) is not nn.Parameter or bias.dtype != weight.dtype):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype if x.dtype == weight.dtype else None
+
+
+def applies(layer: nn.Module, x: torch.Tensor, result: torch.Tensor | None) -> bool:
     """Whether `adapter_update` computes exactly what the plain formula would for this call.
 
-    It does not for tensor subclasses, ``torch.compile`` tracing, hooked or replaced adapter
-    submodules, unusual dtypes, mixed devices, or a base output of an unexpected shape.
+    With ``result=None`` the question is whether the base layer can be computed inside the
+    fused node too (a plain, frozen ``nn.Linear``). Never for tensor subclasses,
+    ``torch.compile`` tracing, hooked or replaced submodules, unusual dtypes, mixed devices, or
+    a base output of an unexpected shape.
     """
     lora_a, lora_b, dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
     if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
-    if type(x) is not torch.Tensor or type(result) is not torch.Tensor:
+    if type(x) is not torch.Tensor or not (result is None or type(result) is torch.Tensor):
         return False
     if not (_plain(lora_a, nn.Linear) and _plain(lora_b, nn.Linear) and _plain(dropout, nn.Dropout, nn.Identity)):
         return False
@@ -211,35 +263,44 @@ def applies(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> bool:
         return False
     if weight_a.dtype != weight_b.dtype or weight_a.dtype not in _FLOAT_DTYPES:
         return False
-    if x.dtype not in _FLOAT_DTYPES or result.dtype not in _FLOAT_DTYPES or x.numel() == 0:
+    if x.dtype not in _FLOAT_DTYPES or x.numel() == 0 or x.shape[-1] != weight_a.shape[1]:
         return False
-    if not (x.device == result.device == weight_a.device == weight_b.device):
+    if not (x.device == weight_a.device == weight_b.device):
         return False
-    if x.shape[-1] != weight_a.shape[1] or result.shape != x.shape[:-1] + (weight_b.shape[0],):
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1:
         return False
-    return not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1)
+    if result is None:
+        return _base_dtype(layer.base_layer, x) is not None and layer.base_layer.out_features == weight_b.shape[0]
+    return (result.dtype in _FLOAT_DTYPES and result.device == x.device
+            and result.shape == x.shape[:-1] + (weight_b.shape[0],))
 
 
-def adapter_update(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result + B(A(dropout(x)) * scaling)`` for a `LoRALinear`; call only when `applies`.
+def adapter_update(layer: nn.Module, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+    """``base(x) + B(A(dropout(x)) * scaling)`` for a `LoRALinear`; call only when `applies`.
 
     Args:
-        layer: The LoRA layer (its ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``).
+        layer: The LoRA layer (its ``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``,
+            ``scaling``).
         x: The layer input.
-        result: The base layer's output for ``x``; updated in place when that is safe.
+        result: The base layer's output for ``x`` (updated in place when that is safe), or
+            ``None`` to compute the base ``nn.Linear`` inside the fused node.
 
     Returns:
-        The layer output, with the same dtype as ``result``.
+        The layer output, in the base output's dtype.
     """
     dropout = layer.lora_dropout
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    seed = draw_seed() if p else 0
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)  # what autocast would run lora_A/lora_B in
     else:
         dtype = layer.lora_A.weight.dtype
-    inplace = (result._base is None and result.is_contiguous() and result.data_ptr() != x.data_ptr()
-               and _qualname(layer.base_layer) in _INPLACE_BASES and not (result.is_leaf and result.requires_grad))
-    scale = layer.scaling / (1.0 - p)
-    return _LoRAUpdate.apply(result, x, layer.lora_A.weight, layer.lora_B.weight, scale, p, seed, dtype, inplace)
+    base = layer.base_layer
+    if result is None:
+        base_dtype, inplace, base_weight, base_bias = _base_dtype(base, x), False, base.weight, base.bias
+    else:
+        base_dtype, base_weight, base_bias = None, None, None
+        inplace = (result._base is None and result.is_contiguous() and result.data_ptr() != x.data_ptr()
+                   and _qualname(base) in _INPLACE_BASES and not (result.is_leaf and result.requires_grad))
+    plan = _Plan(layer.scaling / (1.0 - p), p, draw_seed() if p else 0, dtype, base_dtype, inplace)
+    return _LoRALinear.apply(result, x, layer.lora_A.weight, layer.lora_B.weight, base_weight, base_bias, plan)

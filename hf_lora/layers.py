@@ -177,10 +177,14 @@ class LoRALinear(LoRALayer):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Same maths, less memory and time (see fused.py): base and adapter as one autograd
+        # node where the base is a plain nn.Linear, else the adapter as one node on its output.
+        if not (self.merged or self.disabled or args or kwargs) and fused.applies(self, x, None):
+            return fused.adapter_update(self, x, None)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return result
-        if fused.applies(self, x, result):  # same maths, less memory and time (see fused.py)
+        if fused.applies(self, x, result):
             return fused.adapter_update(self, x, result)
         x = self._adapter_input(x, self.lora_A.weight.dtype)
         # The scaling multiplies the rank-r intermediate, not the full-width output.

@@ -71,6 +71,31 @@ def test_dropout_matches_formula_with_the_seeded_mask(p):
     assert_all_close(run(layer, x, on=True, seed=7), reference(layer, x, keep, p), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_separate_base_output_path_matches_formula(p):
+    """A base that cannot run inside the fused node (here: hooked) gets the adapter added on top."""
+    layer, x = make_layer(p), torch.randn(3, 5, 24)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(1))
+    assert not fused.applies(layer, x, None) and fused.applies(layer, x, layer.base_layer(x))
+    torch.manual_seed(7)
+    keep = fused.dropout_keep_mask(x.shape, p, fused.draw_seed(), x.device) if p else None
+    seen.clear()
+    got = run(layer, x, on=True, seed=7)
+    assert seen == [1]  # the hooked base ran once, as a module
+    assert_all_close(got, reference(layer, x, keep, p), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_trainable_base_bias_gets_its_gradient(p):
+    layer, x = make_layer(p), torch.randn(3, 5, 24)
+    layer.base_layer.bias.requires_grad_(True)
+    assert fused.applies(layer, x, None)
+    run(layer, x, on=True)
+    want = torch.linspace(-1, 1, 20) * 15  # d sum(out * w) / d bias = w summed over 3 * 5 rows
+    torch.testing.assert_close(layer.base_layer.bias.grad, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bernoulli_mask_branch_matches_formula(monkeypatch):
     """The branch used off CPU (a seeded bernoulli_ keep-mask), exercised here on CPU."""
     monkeypatch.setattr(fused, "_samples_positions", lambda device: False)
