@@ -19,9 +19,15 @@ from .layers import LoRALayer
 
 # Group -> full-path regex, per architecture family. Matching is re.fullmatch on the module path.
 _LLAMA_STYLE = {
-    "attention": r"(.*\.)?(q_proj|k_proj|v_proj|o_proj)",
-    "mlp": r"(.*\.)?(gate_proj|up_proj|down_proj)",
-    "embedding": r"(.*\.)?embed_tokens",
+    # q/k/v/o anywhere; fused or differently named projections only under an attention module
+    # (Phi-3 qkv_proj, OPT out_proj, GPT-NeoX / Falcon query_key_value + dense, Phi dense).
+    "attention": r"(.*\.)?(q_proj|k_proj|v_proj|o_proj)"
+                 r"|(.*\.)?(self_attn|self_attention|attention)\.(qkv_proj|out_proj|query_key_value|dense)",
+    # gate/up/down anywhere; Phi-3 gate_up_proj, Phi fc1/fc2, NeoX/Falcon dense_h_to_4h/4h_to_h
+    # under an MLP, and OPT's fc1/fc2 that sit directly in the decoder layer.
+    "mlp": r"(.*\.)?(gate_proj|up_proj|down_proj)"
+           r"|(.*\.)?mlp\.(gate_up_proj|fc1|fc2|dense_h_to_4h|dense_4h_to_h)|(.*\.)?layers\.\d+\.(fc1|fc2)",
+    "embedding": r"(.*\.)?(embed_tokens|embed_in|word_embeddings)",
 }
 _GPT2 = {
     "attention": r"(.*\.)?attn\.(c_attn|c_proj)",
@@ -38,7 +44,8 @@ GROUPS_BY_MODEL_TYPE: dict[str, dict[str, str]] = {
     "bert": _BERT,
     "roberta": _BERT,
 }
-# LLaMA, Mistral, Qwen2/3, Gemma and most decoder-only models use the LLaMA names.
+# LLaMA, Mistral, Qwen2/3, Gemma and most decoder-only models use the LLaMA names; the default
+# also covers Phi, Phi-3, OPT, GPT-NeoX and Falcon (tests/test_wrap.py checks each).
 DEFAULT_GROUPS = _LLAMA_STYLE
 
 

@@ -121,6 +121,37 @@ def test_all_linear_skips_a_classification_head_like_peft():
     assert ours == theirs
 
 
+def _tiny(model_type: str) -> nn.Module:
+    import transformers as T
+
+    common = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 64}
+    configs = {
+        "mistral": lambda: T.MistralConfig(intermediate_size=64, num_key_value_heads=2, **common),
+        "qwen2": lambda: T.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **common),
+        "gemma": lambda: T.GemmaConfig(intermediate_size=64, num_key_value_heads=2, head_dim=8, **common),
+        "phi3": lambda: T.Phi3Config(intermediate_size=64, pad_token_id=0, **common),
+        "phi": lambda: T.PhiConfig(intermediate_size=64, **common),
+        "opt": lambda: T.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(intermediate_size=64, **common),
+        "falcon": lambda: T.FalconConfig(**common),
+    }
+    return T.AutoModelForCausalLM.from_config(configs[model_type]())
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma", "phi3", "phi", "opt", "gpt_neox", "falcon"])
+def test_attention_and_mlp_groups_cover_every_linear_layer(model_type):
+    def adapted(target) -> list[str]:
+        model = _tiny(model_type)
+        wrap(model, LoRAConfig(r=2, target_modules=target))
+        return sorted(p for p, m in model.named_modules() if isinstance(m, LoRALayer))
+
+    attention, mlp = adapted(["attention"]), adapted(["mlp"])
+    assert attention and mlp and not set(attention) & set(mlp)
+    assert sorted(attention + mlp) == adapted("all-linear")
+    embedding = adapted(["embedding"])
+    assert len(embedding) == 1 and embedding[0].endswith(("embed_tokens", "embed_in", "word_embeddings"))
+
+
 def test_exclude_modules_and_rank_pattern(llama):
     cfg = LoRAConfig(target_modules=["attention"], exclude_modules=["k_proj"], rank_pattern={"v_proj": 2},
                      alpha_pattern={r"model\.layers\.1\.self_attn\.q_proj": 64})
