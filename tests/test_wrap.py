@@ -277,16 +277,18 @@ def test_merging_an_adapter_on_a_tied_embedding_is_refused_and_changes_nothing(i
     assert torch.equal(_logits(wrapper, input_ids), adapted)
 
 
-def test_merge_and_unload_unties_a_tied_embedding_and_keeps_outputs(input_ids, tmp_path):
+@pytest.mark.parametrize("targets", [["embedding", "attention"], ["lm_head"]], ids=["embedding", "lm_head"])
+def test_merge_and_unload_unties_a_tied_embedding_and_keeps_outputs(input_ids, tmp_path, targets):
     from transformers import AutoModelForCausalLM
 
     model = make_llama(tie_word_embeddings=True)
-    head = model.lm_head.weight.detach().clone()
-    wrapper = wrap(model, LoRAConfig(target_modules=["embedding", "attention"], init_lora_weights=False))
+    table = model.lm_head.weight.detach().clone()
+    wrapper = wrap(model, LoRAConfig(target_modules=targets, init_lora_weights=False))
     adapted = _logits(wrapper, input_ids)
     plain = wrapper.merge_and_unload()
     assert plain.lm_head.weight is not plain.model.embed_tokens.weight
-    assert torch.equal(plain.lm_head.weight, head)  # the output layer keeps the un-adapted weight
+    untouched = plain.model.embed_tokens if targets == ["lm_head"] else plain.lm_head
+    assert torch.equal(untouched.weight, table)  # the other user keeps the un-adapted weight
     torch.testing.assert_close(_logits(plain, input_ids), adapted, atol=2e-5, rtol=1e-5)
     plain.save_pretrained(tmp_path)  # and it stays untied through a save/load
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
