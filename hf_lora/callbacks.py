@@ -220,7 +220,7 @@ def _refreeze_strays(model: LoRAModelWrapper, adapter: dict[str, Any]) -> None:
 
 def _wrapper(model: Any) -> LoRAModelWrapper:
     if not isinstance(model, LoRAModelWrapper):
-        raise ValueError(
+        raise TypeError(
             f"LoRACallback needs the model returned by hf_lora.wrap (a LoRAModelWrapper); Trainer holds "
             f"{type(model).__name__}. Pass Trainer(model=wrap(base_model, config), callbacks=[LoRACallback()])."
         )

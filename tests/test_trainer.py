@@ -6,18 +6,25 @@ Every run is a few optimizer steps on CPU; see tests/trainer_helpers.py for the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
-
 from conftest import make_llama
-from hf_lora import LoRACallback, LoRAModelWrapper
 from trainer_helpers import (
-    StopAfter, adapter_snapshot, files_in, frozen_snapshot, lora_llama, losses, read_json, safetensors_payload, token_dataset,
+    StopAfter,
+    adapter_snapshot,
+    files_in,
+    frozen_snapshot,
+    lora_llama,
+    losses,
+    read_json,
+    safetensors_payload,
+    token_dataset,
     trainer_args,
 )
+from transformers import Trainer, TrainerCallback
+
+from hf_lora import LoRACallback, LoRAModelWrapper
 
 TRAINER_FILES = {"model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -128,7 +135,7 @@ def test_callback_refuses_frozen_adapter_parameters(tmp_path):
 
 
 def test_callback_rejects_a_model_not_built_by_wrap(tmp_path):
-    with pytest.raises(ValueError, match="LoRACallback needs the model returned by hf_lora.wrap.*LlamaForCausalLM"):
+    with pytest.raises(TypeError, match="LoRACallback needs the model returned by hf_lora.wrap.*LlamaForCausalLM"):
         Trainer(model=make_llama(), args=trainer_args(tmp_path), train_dataset=token_dataset(4), callbacks=[LoRACallback()])
 
 
@@ -150,9 +157,9 @@ def test_gradient_guard_fires_on_reentrant_checkpointing_without_input_grads(tmp
                         activation_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(4),
                       callbacks=[DropInputGradHook(), LoRACallback()])
-    with caplog.at_level(logging.WARNING, logger="hf_lora"):
-        with pytest.raises(RuntimeError, match=r"(?s)No gradient.*layers\.0\.self_attn\.q_proj\.lora_A.*use_reentrant=True"):
-            trainer.train()
+    expected = r"(?s)No gradient.*layers\.0\.self_attn\.q_proj\.lora_A.*use_reentrant=True"
+    with caplog.at_level(logging.WARNING, logger="hf_lora"), pytest.raises(RuntimeError, match=expected):
+        trainer.train()
     assert trainer.state.global_step == 0  # stopped before the first optimizer step was taken
     # The callback saw the missing hook at train begin and said so before the first step.
     assert sum("no input-grad hook" in r.getMessage() for r in caplog.records) == 1
@@ -274,7 +281,7 @@ def test_label_smoothing_loss_equals_the_unwrapped_model(tmp_path):
 
 def test_gradient_accumulation_scales_like_the_unwrapped_model(tmp_path):
     data = token_dataset(8, masked=True)  # examples with different numbers of label tokens
-    no_clip = dict(max_steps=1, max_grad_norm=0.0, logging_steps=1)
+    no_clip = {"max_steps": 1, "max_grad_norm": 0.0, "logging_steps": 1}
 
     def first_step(model, out, batch, accumulation):
         recorder = GradRecorder()

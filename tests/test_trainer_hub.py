@@ -14,14 +14,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import yaml
+from conftest import make_llama
 from huggingface_hub import HfApi
+from trainer_helpers import token_dataset, trainer_args
 from transformers import Trainer
 
-from conftest import make_llama
 from hf_lora import LoRACallback, LoRAConfig, wrap
-from trainer_helpers import token_dataset, trainer_args
 
 TOKEN = "hf_testTOKENdoNotLeak0123456789"
 BASE_ID = "acme/tiny-llama"
@@ -34,7 +33,7 @@ class FakeHub:
         self.repos: list[dict] = []
         self.uploads: list[dict] = []
 
-    def install(self, monkeypatch) -> "FakeHub":
+    def install(self, monkeypatch) -> FakeHub:
         hub = self
 
         def create_repo(api, repo_id, **kwargs):

@@ -6,11 +6,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_quantized, make_llama, save_base
+from trainer_helpers import (
+    StopAfter,
+    adapter_snapshot,
+    files_in,
+    losses,
+    safetensors_payload,
+    token_dataset,
+    trainer_args,
+)
 from transformers import Trainer
 
-from conftest import load_quantized, make_llama, save_base
 from hf_lora import LoRACallback, LoRAConfig, prepare_for_kbit_training, wrap
-from trainer_helpers import StopAfter, adapter_snapshot, files_in, losses, safetensors_payload, token_dataset, trainer_args
 
 bnb = pytest.importorskip("bitsandbytes")
 

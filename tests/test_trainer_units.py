@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_llama
+from trainer_helpers import trainer_args
+
 from hf_lora import LoRAConfig, wrap
 from hf_lora.callbacks import _gradient_error, training_metrics
 from hf_lora.gradcheck import gradient_report
-from trainer_helpers import trainer_args
 
 Q = "model.layers.0.self_attn.q_proj"
 EMB = "model.embed_tokens"

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import VOCAB, make_llama
 from safetensors import safe_open
 from transformers import TrainerCallback
-
-from conftest import VOCAB, make_llama
 
 SEQ_LEN = 16
 
@@ -54,11 +53,12 @@ def trainer_args(output_dir: Path | str, **overrides: Any):
     """CPU, quiet, deterministic ``TrainingArguments``; overrides win."""
     from transformers import TrainingArguments
 
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
-        logging_steps=1, seed=0, dataloader_num_workers=0, lr_scheduler_type="constant",
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir), "max_steps": 4, "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4, "learning_rate": 1e-2, "report_to": "none", "use_cpu": True,
+        "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1, "seed": 0,
+        "dataloader_num_workers": 0, "lr_scheduler_type": "constant",
+    }
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -96,7 +96,7 @@ def losses(trainer) -> list[float]:
 def safetensors_payload(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file."""
     with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
 
 
 def files_in(folder: Path) -> set[str]:
