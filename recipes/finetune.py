@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with args.main_process_first(local=True, desc="building the tokenizer and base model"):
         tokenizer, base = fm.load_tokenizer_and_model(model_args, args, train_raw, fmt, data_args.columns)
-    model = fm.wrap_for_training(base, lora_args)
+    model = fm.wrap_for_training(base, tokenizer, model_args, lora_args)
     trainable, total = model.trainable_parameters()
     if args.should_log:
         model.print_trainable_parameters()

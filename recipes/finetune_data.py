@@ -3,7 +3,7 @@
 Three row shapes are understood:
 
 * instruction: a prompt column and a response column (``prompt`` / ``response``);
-* chat: a ``messages`` column of ``{"role", "content"}`` dicts;
+* chat: a ``messages`` column of ``{"role", "content"}`` dicts (ShareGPT ``{"from", "value"}`` too);
 * text: one ``text`` column, trained as plain causal LM (every token is a target).
 
 Instruction and chat rows are rendered with the tokenizer's chat template when it has one
@@ -46,10 +46,17 @@ def load_raw(name: str, config_name: str | None = None, *, train_split: str = "t
         if suffix not in _FILE_BUILDERS:
             raise ValueError(f"dataset_name={name!r}: unsupported file type {suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
         splits = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files={"train": name})
-    elif suffix in _FILE_BUILDERS or name.startswith((".", "/")):
+    elif not os.path.isdir(name) and (suffix in _FILE_BUILDERS or name.startswith((".", "/"))):
         raise ValueError(f"dataset_name={name!r}: no such file or folder.")
+    elif os.path.isdir(name) and _split_files(name):
+        # A local folder of <split>.<ext> files: every file is a split, whatever its name (train_sft...).
+        files = _split_files(name)
+        builder = {_FILE_BUILDERS[os.path.splitext(f)[1]] for f in files.values()}
+        if len(builder) > 1:
+            raise ValueError(f"dataset_name={name!r}: split files of different types {sorted(files.values())}.")
+        splits = datasets.load_dataset(builder.pop(), data_files=files)
     else:
-        splits = datasets.load_dataset(name, config_name)  # local folder or Hub id
+        splits = datasets.load_dataset(name, config_name)  # Hub id (or a folder with a loading script/README)
     if train_split not in splits:
         raise ValueError(f"dataset {name!r} has no split {train_split!r}; it has {sorted(splits)}.")
     train = splits[train_split]
@@ -61,6 +68,11 @@ def load_raw(name: str, config_name: str | None = None, *, train_split: str = "t
         parts = train.train_test_split(test_size=eval_fraction, seed=seed)
         return parts["train"], parts["test"]
     return train, None
+
+
+def _split_files(folder: str) -> dict[str, str]:
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if os.path.splitext(f)[1] in _FILE_BUILDERS and not f.startswith(".")}
 
 
 def detect_format(columns: Iterable[str], prompt_column: str, response_column: str,
@@ -83,13 +95,27 @@ def to_messages(row: dict[str, Any], fmt: str, prompt_column: str, response_colu
                 messages_column: str, system_prompt: str | None) -> list[dict[str, str]]:
     """A row as a chat: optional system message, then user/assistant turns."""
     if fmt == "chat":
-        messages = list(row[messages_column])
+        messages = [_role_content(m) for m in row[messages_column]]
     else:
         messages = [{"role": "user", "content": str(row[prompt_column])},
                     {"role": "assistant", "content": str(row[response_column])}]
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
+
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
+                   "assistant": "assistant"}
+
+
+def _role_content(message: dict[str, Any]) -> dict[str, str]:
+    """A ``{"role", "content"}`` message; ShareGPT's ``{"from", "value"}`` (human/gpt) is converted."""
+    if "role" in message:
+        return {"role": str(message["role"]), "content": str(message["content"])}
+    if "from" in message and str(message["from"]) in _SHAREGPT_ROLES:
+        return {"role": _SHAREGPT_ROLES[str(message["from"])], "content": str(message["value"])}
+    raise ValueError(f"Chat message {message!r} has neither role/content nor ShareGPT from/value "
+                     f"(from one of {sorted(_SHAREGPT_ROLES)}).")
 
 
 def chat_template_of(tokenizer: Any) -> str:

@@ -74,13 +74,19 @@ class LoRAArguments:
         "help": "LoRA+: B trains at this multiple of learning_rate (16 is typical); unset = one rate. "
                 "Not with FSDP/DeepSpeed, which build their own optimizer."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full and saved."})
+    train_new_token_rows: bool = field(default=False, metadata={
+        "help": "Make the embedding rows of new_special_tokens trainable (only those rows are trained and saved)."})
 
-    def to_config(self) -> LoRAConfig:
+    def to_config(self, new_token_ids: list[int] | None = None) -> LoRAConfig:
+        """The `LoRAConfig`; ``new_token_ids`` become ``trainable_token_indices`` when train_new_token_rows is set."""
         init: Any = {"true": True, "false": False}.get(str(self.init_lora_weights).lower(), self.init_lora_weights)
+        if self.train_new_token_rows and not new_token_ids:
+            raise ValueError("train_new_token_rows=True needs new_special_tokens (the tokens whose rows to train).")
         return LoRAConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, exclude_modules=self.lora_exclude_modules,
                           bias=self.lora_bias, use_rslora=self.use_rslora, use_dora=self.use_dora, init_lora_weights=init,
-                          modules_to_save=self.modules_to_save)
+                          modules_to_save=self.modules_to_save,
+                          trainable_token_indices=list(new_token_ids) if self.train_new_token_rows else None)
 
 
 def _training_texts(train_raw: Any, fmt: str, columns: dict[str, str]) -> list[str]:
@@ -172,17 +178,16 @@ def optimizers(model: Any, args: Any, lora_args: LoRAArguments) -> tuple[Any, No
     return loraplus_optimizer_from_args(model, args, lora_args.loraplus_lr_ratio), None
 
 
-def wrap_for_training(base: Any, lora_args: LoRAArguments) -> Any:
+def wrap_for_training(base: Any, tokenizer: Any, model_args: ModelArguments, lora_args: LoRAArguments) -> Any:
     """Inject LoRA (activation checkpointing, if enabled, is switched on later by Trainer through the wrapper)."""
-    return wrap(base, lora_args.to_config())
+    new_ids = tokenizer.convert_tokens_to_ids(list(model_args.new_special_tokens or []))
+    return wrap(base, lora_args.to_config(new_ids))
 
 
 def callbacks() -> list[Any]:
-    """`hf_lora.LoRACallback` when this hf_lora has it: PEFT adapter files in every checkpoint."""
-    try:
-        from hf_lora import LoRACallback  # type: ignore[attr-defined]
-    except ImportError:
-        return []
+    """`hf_lora.LoRACallback`: PEFT adapter files in every checkpoint, gradient and freezing checks."""
+    from hf_lora import LoRACallback
+
     return [LoRACallback()]
 
 
