@@ -256,6 +256,11 @@ class LoRAEmbedding(LoRALayer):
             sparse=base.sparse,
         )
         update = (rows * self.scaling) @ self.lora_embedding_B.T
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            # Scaled embeddings (Gemma 3) multiply inside forward: so must the delta, or the
+            # unmerged output would differ from the merged one (and from PEFT's).
+            update = update * (embed_scale.to(update.dtype) if torch.is_tensor(embed_scale) else embed_scale)
         return result + update.to(result.dtype)
 
 

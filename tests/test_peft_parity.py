@@ -148,3 +148,24 @@ def test_peft_bias_all_adapter_with_a_saved_head_loads(tmp_path, input_ids, extr
     assert "base_model.model.classifier.modules_to_save.bias" in load_file(tmp_path / "adapter_model.safetensors")
     ours = LoRAModelWrapper.from_pretrained(make_bert(), str(tmp_path))
     torch.testing.assert_close(_logits(ours, input_ids), _logits(theirs.eval(), input_ids), atol=1e-5, rtol=1e-5)
+
+
+def _make_gemma3():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=256, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_scaled_embedding_adapter_matches_peft_and_its_own_merge(tmp_path, input_ids):
+    """Gemma 3 multiplies inside its embedding module; the low-rank delta must be scaled too."""
+    wrapper = wrap(_make_gemma3(), LoRAConfig(target_modules=["embedding"], init_lora_weights=False))
+    assert float(wrapper.base_model.model.embed_tokens.base_layer.embed_scale) != 1.0
+    ours = _logits(wrapper, input_ids)
+    wrapper.save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(_make_gemma3(), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs, input_ids), ours, atol=1e-5, rtol=1e-5)
+    wrapper.merge()
+    torch.testing.assert_close(_logits(wrapper, input_ids), ours, atol=1e-5, rtol=1e-5)
