@@ -26,7 +26,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import LoRAConfig
 from .init import check_base_init, init_from_base
-from .layers import LoRALayer, TrainedCopy
+from .layers import LoRAEmbedding, LoRALayer, TrainedCopy
 from .multi_adapter import MultiAdapterMixin
 from .quantized import keep_cpu_4bit_weights_fixed
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
@@ -111,9 +111,14 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
         plan = plan_targets(base_model, config)
         save_paths = match_modules_to_save(base_model, config.modules_to_save)
         token_plan = plan_trainable_tokens(base_model, config.trainable_token_indices)
-        clash = sorted({p for p, _, _ in token_plan} & ({t.path for t in plan} | set(save_paths)))
+        # New-token rows combine with a plain LoRA embedding adapter, not with DoRA or a full copy.
+        combinable = {t.path for t in plan if t.lora_class is LoRAEmbedding}
+        clash = sorted({p for p, _, _ in token_plan} & ({t.path for t in plan} - combinable | set(save_paths)))
         if clash:
-            raise ValueError(f"Modules {clash} get trainable_token_indices and are also LoRA targets or in modules_to_save; choose one.")
+            raise ValueError(
+                f"Modules {clash} get trainable_token_indices and are also DoRA/non-embedding LoRA targets or in "
+                "modules_to_save; choose one."
+            )
         overlap = sorted(set(save_paths) & {t.path for t in plan})
         if overlap:
             raise ValueError(f"Modules {overlap} are both LoRA targets and in modules_to_save; choose one.")
@@ -265,7 +270,8 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
     def _lora_layers(self) -> list[LoRALayer]:
         self._check_not_unloaded()
         # Trainable token rows merge, unmerge and disable like LoRA layers (same methods and flags).
-        return [layer for _, layer in lora_layers(self.base_model)] + token_layers(self.base_model)  # type: ignore[operator]
+        # Token layers first: one wrapping a LoRA embedding merges it before its rows, unmerges it after.
+        return token_layers(self.base_model) + [layer for _, layer in lora_layers(self.base_model)]  # type: ignore[operator]
 
     def merge(self, keep_original: bool = True) -> None:
         """Fold every adapter into its base weight (fp32 maths). Idempotent; `unmerge` reverses it.
@@ -320,7 +326,7 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
     def _restore_base(self) -> nn.Module:
         """Put the base layers back in place of the LoRA layers (no merge) and return the base."""
         base = self.base_model
-        for path, module in list(base.named_modules()):
+        for path, module in reversed(list(base.named_modules())):  # innermost wrappers first
             if isinstance(module, LoRALayer):
                 _replace_submodule(base, path, module.base_layer)
             elif isinstance(module, TrainableTokens):

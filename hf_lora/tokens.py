@@ -12,7 +12,9 @@ output tokens). It keeps the rows as they were at wrap time (``original``) and a
 the weight. At load time ``original`` is whatever the base holds, so the saved values replace
 the rows exactly as in PEFT (resized rows are random: their values come from the file).
 With tied input/output embeddings the output layer is wrapped too and shares the same values,
-so a new token's input row and output row stay one tensor, as in the base model.
+so a new token's input row and output row stay one tensor, as in the base model. An embedding
+that is also a (plain) LoRA target is wrapped around its `LoRAEmbedding`: the rows add to the
+LoRA output, and merge/unmerge handle the inner adapter in the right order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import LoRAEmbedding, LoRALayer
+
+
+def raw_module(module: nn.Module) -> nn.Module:
+    """The innermost wrapped module (a LoRA embedding's own ``base_layer``...)."""
+    while isinstance(module, LoRALayer):
+        module = module.base_layer
+    return module
 
 
 class TokenAdapter(nn.Module):
@@ -48,19 +59,21 @@ class TrainableTokens(nn.Module):
 
     def __init__(self, base_layer: nn.Module, token_indices: Sequence[int], source: "TrainableTokens | None" = None) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer  # the module, or a LoRAEmbedding around it (embedding LoRA + new rows)
+        weight = raw_module(base_layer).weight
+        self._is_embedding = isinstance(raw_module(base_layer), nn.Embedding)
         self._source = [source] if source is not None else []  # a list: not a submodule, not saved twice
-        adapter = source.adapter if source is not None else TokenAdapter(base_layer.weight[list(token_indices)], token_indices)
+        adapter = source.adapter if source is not None else TokenAdapter(weight[list(token_indices)], token_indices)
         if source is None:
             self.token_adapter = adapter
-        index = torch.tensor(adapter.token_indices, dtype=torch.long, device=base_layer.weight.device)
+        index = torch.tensor(adapter.token_indices, dtype=torch.long, device=weight.device)
         self.register_buffer("index", index, persistent=False)
-        self.register_buffer("original", base_layer.weight.detach()[index].float().clone(), persistent=False)
-        slot = torch.full((base_layer.weight.shape[0],), -1, dtype=torch.long, device=index.device)
+        self.register_buffer("original", weight.detach()[index].float().clone(), persistent=False)
+        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=index.device)
         slot[index] = torch.arange(len(index), device=index.device)
         self.register_buffer("slot", slot, persistent=False)  # token id -> row of the values, or -1
         self.merged = False
-        self.disabled = False
+        self._disabled = False
         self._merged_rows: torch.Tensor | None = None
 
     @property
@@ -76,6 +89,17 @@ class TrainableTokens(nn.Module):
     def _change(self) -> torch.Tensor:
         return self.adapter.trainable_tokens_delta - self.original
 
+    @property
+    def disabled(self) -> bool:
+        """Skip the rows' change (and a LoRA embedding inside): ``disable_adapter``."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disabled = value
+        if isinstance(self.base_layer, LoRALayer):
+            self.base_layer.disabled = value
+
     def _inactive(self) -> bool:
         owner = self._source[0] if self._source else self
         return self.disabled or owner.merged or self.merged
@@ -85,11 +109,11 @@ class TrainableTokens(nn.Module):
         if self._inactive():
             return result
         change = self._change()
-        if isinstance(self.base_layer, nn.Embedding):
+        if self._is_embedding:
             slot = self.slot[x]
             hit = (slot >= 0).unsqueeze(-1)
             update = F.embedding(slot.clamp(min=0), change) * hit
-            scale = getattr(self.base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+            scale = getattr(raw_module(self.base_layer), "embed_scale", None)  # e.g. Gemma's scaled embeddings
             if scale is not None:
                 update = update * scale
             return result + update.to(result.dtype)
@@ -99,11 +123,16 @@ class TrainableTokens(nn.Module):
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
-        """Write the values into the weight's rows (the tied layer's weight is the same tensor)."""
-        del keep_original  # the replaced rows are always kept: they are few
+        """Write the values into the weight's rows (the tied layer's weight is the same tensor).
+
+        A LoRA embedding inside is merged first and unmerged last, so the rows kept here are
+        the ones `unmerge` must put back before the LoRA delta comes out.
+        """
+        if isinstance(self.base_layer, LoRALayer):
+            self.base_layer.merge(keep_original=keep_original)
         if self.merged or self.is_tied:
             return
-        weight = self.base_layer.weight
+        weight = raw_module(self.base_layer).weight
         self._merged_rows = weight[self.index].clone()
         values = self.adapter.trainable_tokens_delta
         if not torch.isfinite(values).all():
@@ -114,11 +143,12 @@ class TrainableTokens(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Put the rows back as they were before `merge`."""
-        if not self.merged:
-            return
-        self.base_layer.weight[self.index] = self._merged_rows
-        self._merged_rows = None
-        self.merged = False
+        if self.merged:
+            raw_module(self.base_layer).weight[self.index] = self._merged_rows
+            self._merged_rows = None
+            self.merged = False
+        if isinstance(self.base_layer, LoRALayer):
+            self.base_layer.unmerge()
 
     def __getattr__(self, name: str) -> Any:
         # Code that reads embedding attributes (num_embeddings, weight, padding_idx) keeps working.

@@ -156,8 +156,10 @@ def test_added_token_indices_and_errors():
         wrap(make_llama(), LoRAConfig(target_modules=["q_proj"], trainable_token_indices=[3, 256]))
     with pytest.raises(ValueError, match=r"key 'embed_tokenz' matched no module"):
         wrap(_base(False), LoRAConfig(target_modules=["q_proj"], trainable_token_indices={"embed_tokenz": [1]}))
-    with pytest.raises(ValueError, match=r"\['model.embed_tokens'\] get trainable_token_indices and are also LoRA targets"):
-        wrap(_base(False), LoRAConfig(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=NEW))
+    with pytest.raises(ValueError, match=r"\['model.embed_tokens'\] get trainable_token_indices and are also DoRA"):
+        wrap(_base(False), LoRAConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True, trainable_token_indices=NEW))
+    with pytest.raises(ValueError, match=r"\['lm_head'\] get trainable_token_indices .* or in modules_to_save"):
+        wrap(_base(False), LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"], trainable_token_indices={"lm_head": NEW}))
     with pytest.raises(ValueError, match=r"targets 'model.layers.0.self_attn' of type LlamaAttention; expected a torch.nn.Embedding"):
         wrap(_base(False), LoRAConfig(target_modules=["v_proj"], trainable_token_indices={"layers.0.self_attn": [1]}))
     with pytest.raises(ValueError, match=r"trainable_token_indices=\[1, 1\] is invalid"):
@@ -171,3 +173,36 @@ def test_loraplus_puts_token_rows_in_the_embedding_group():
     groups = {g["name"]: g for g in loraplus_param_groups(model, lr=1e-4, loraplus_lr_embedding=5e-5)}
     delta = model.base_model.model.embed_tokens.token_adapter.trainable_tokens_delta
     assert [id(p) for p in groups["embedding"]["params"]] == [id(delta)] and groups["embedding"]["lr"] == 5e-5
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_rows_combined_with_embedding_lora(keep_original, tmp_path):
+    """New-token rows plus a LoRA adapter on the same embedding (hf-lora only: PEFT refuses the pair)."""
+    base = _base(False)
+    expected = base(input_ids=IDS).logits
+    cfg = LoRAConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "embed_tokens"], trainable_token_indices=_spec(False))
+    model = wrap(base, cfg)
+    torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
+    keys = set(model.state_dict())
+    assert "base_model.model.embed_tokens.token_adapter.trainable_tokens_delta" in keys
+    assert "base_model.model.embed_tokens.base_layer.lora_embedding_A" in keys
+    raw = model.base_model.model.embed_tokens.base_layer.base_layer
+    assert type(raw) is torch.nn.Embedding and not raw.weight.requires_grad
+    _perturb(model)
+    trained = model(input_ids=IDS).logits
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
+    model.save_pretrained(str(tmp_path))  # before merging: an unmerge by subtraction rounds the base
+    weight = raw.weight.detach().clone()
+    model.merge(keep_original=keep_original)
+    torch.testing.assert_close(model(input_ids=IDS).logits, trained, rtol=1e-5, atol=1e-5)
+    model.unmerge()
+    torch.testing.assert_close(raw.weight.detach(), weight, rtol=0, atol=0 if keep_original else 1e-6)
+    torch.testing.assert_close(model(input_ids=IDS).logits, trained, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="resizing"):
+        loaded = LoRAModelWrapper.from_pretrained(_base(False, resized=False), str(tmp_path))
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, trained, rtol=0, atol=0)
+    plain = model.merge_and_unload()
+    assert type(plain.model.embed_tokens) is torch.nn.Embedding and type(plain.lm_head) is torch.nn.Linear
+    assert not any("lora" in n or "token_adapter" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(input_ids=IDS).logits, trained, rtol=1e-5, atol=1e-5)
