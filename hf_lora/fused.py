@@ -185,7 +185,7 @@ class _LoRALinear(torch.autograd.Function):
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
             g_adapter = g2d.to(dtype)
             if needs[3]:
-                grad_b = (g_adapter.t() @ hidden).to(weight_b.dtype)
+                grad_b = (hidden.t() @ g_adapter).t().to(weight_b.dtype)  # faster than g.T @ h on CPU
             if needs[1] or needs[2]:
                 grad_hidden = (g_adapter @ weight_b.to(dtype)).mul_(plan.scale)
                 x2d = x.reshape(-1, x.shape[-1])
