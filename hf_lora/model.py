@@ -280,11 +280,23 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
             keep_original: Keep a copy of each merged base weight so `unmerge` is bit-exact
                 (one extra copy of the adapted weights). ``False`` saves that memory and
                 unmerges by subtraction, exact up to rounding.
+
+        Raises:
+            ValueError: an adapted weight is tied to another module, or a merged weight would
+                hold NaN/inf. The model is then left unmerged, as it was.
         """
         layers = self._lora_layers()
         check_untied(self.base_model)  # a tied weight would carry the delta into another module
-        for layer in layers:
-            layer.merge(keep_original=keep_original)
+        merged_now: list[LoRALayer] = []
+        try:
+            for layer in layers:
+                if not layer.merged:
+                    layer.merge(keep_original=keep_original)
+                    merged_now.append(layer)
+        except BaseException:
+            for layer in reversed(merged_now):  # all or nothing: no half-merged model
+                layer.unmerge()
+            raise
 
     def unmerge(self) -> None:
         """Take every adapter back out of its base weight. Idempotent."""

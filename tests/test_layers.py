@@ -217,6 +217,18 @@ def test_merge_refuses_non_finite_results_and_changes_nothing():
     assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
 
 
+def test_failed_model_merge_leaves_every_layer_unmerged():
+    wrapper, base, _ = _build("llama-linear", init_lora_weights=False)
+    before = _base_weights_of_lora_layers(base)
+    with torch.no_grad():  # the last layer in module order fails, after 13 good merges
+        base.model.layers[1].mlp.down_proj.lora_A.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"merge of LoRA layer 'model\.layers\.1\.mlp\.down_proj'"):
+        wrapper.merge()
+    assert not any(m.merged for m in base.modules() if isinstance(m, LoRALayer))
+    for path, weight in _base_weights_of_lora_layers(base).items():
+        assert torch.equal(weight, before[path]), path
+
+
 def test_scaling_multiplies_the_update_and_rslora_uses_sqrt_r():
     _, base, _ = _build("llama-linear", r=4, lora_alpha=8, use_rslora=True)
     layer = base.model.layers[0].self_attn.q_proj
