@@ -191,6 +191,14 @@ def test_print_trainable_parameters_matches_peft(llama):
     assert ours.trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_trainable_counts_with_bias_and_saved_head_match_peft(bias):
+    peft = pytest.importorskip("peft")
+    kwargs = {"target_modules": ["query", "value"], "bias": bias, "modules_to_save": ["classifier"]}
+    ours = wrap(make_bert(), LoRAConfig(**kwargs)).trainable_parameters()
+    assert ours == peft.get_peft_model(make_bert(), peft.LoraConfig(**kwargs)).get_nb_trainable_parameters()
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
