@@ -127,6 +127,12 @@ def _exact_match(model: Any, tokenizer: Any, dataset: Any, data_args: DataArgume
     return float(next(iter(metric.compute(predictions=answers, references=references).values())))
 
 
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
 def _first_last_train_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     losses = [h["loss"] for h in history if "loss" in h]
     return (losses[0], losses[-1]) if losses else (None, None)
@@ -187,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": model_args.model_name_or_path,
         "dataset": data_args.dataset_name,
         "world_size": args.world_size,
+        "distributed_backend": _backend(),
         "steps": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
         "train_loss_first": first,
         "train_loss_last": last,
         "train_loss_mean": result.training_loss,
