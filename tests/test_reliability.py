@@ -114,6 +114,73 @@ def test_sigkill_during_save_leaves_previous_or_new_complete_adapter(tmp_path):
     assert mid_save > 0, "no kill landed inside a write; the delays are too long"
 
 
+def _same_files(folder: Path, reference: Path) -> bool:
+    names = sorted(p.name for p in reference.iterdir())
+    if sorted(p.name for p in folder.iterdir()) != names:
+        return False
+    for name in names:
+        if name.endswith(".safetensors"):
+            got, want = load_file(str(folder / name)), load_file(str(reference / name))
+            if got.keys() != want.keys() or not all(torch.equal(got[k], want[k]) for k in want):
+                return False
+        elif (folder / name).read_bytes() != (reference / name).read_bytes():
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_sigkill_during_hf_lora_merge_never_leaves_a_partial_output_folder(tmp_path):
+    """Kill `merge_adapter` (what `hf-lora merge` runs) at random instants, 10 times.
+
+    Every output folder that exists afterwards is a whole merge, identical file by file to a
+    reference merge; an interrupted one exists only as a hidden ``.<name>.partial-*`` folder,
+    and merging into the same name again works.
+    """
+    from hf_lora.merge import merge_adapter
+
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "_kill_writer.py"), str(tmp_path), "merge"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    kills, partial, checked = 10, 0, set()
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready and ready[0] == "ready", proc.stderr.read()
+        start = time.perf_counter()
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "reference"))
+        merge_seconds = time.perf_counter() - start
+        rng = random.Random(1)
+        out, reference = tmp_path / "out", tmp_path / "reference"
+        for trial in range(kills):
+            first = trial * 1000
+            pid = int(_ask(proc, f"fork {first}", "pid "))
+            time.sleep(rng.uniform(0, 3 * merge_seconds))
+            os.kill(pid, signal.SIGKILL)
+            assert _ask(proc, f"reap {pid}", "reaped ") == str(int(signal.SIGKILL))
+            for folder in sorted(out.iterdir()) if out.exists() else []:
+                if folder.name.startswith("."):
+                    assert ".partial-" in folder.name, folder.name
+                elif folder.name not in checked:  # a whole folder never changes afterwards
+                    assert _same_files(folder, reference), f"kill {trial}: {folder.name} is not a whole merge"
+                    checked.add(folder.name)
+            partial = sum(1 for f in out.iterdir() if f.name.startswith(".")) if out.exists() else 0
+        victim = out / f"m{first}"  # the last writer's first target: interrupted unless it finished
+        if victim.exists():
+            victim = out / "again"
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(victim))
+        assert _same_files(victim, reference)
+    finally:
+        if proc.poll() is None:
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+    shards = len(list((tmp_path / "reference").glob("*.safetensors")))
+    print(f"\nmerge kill test: {kills} SIGKILLs, {len(checked)} whole merged folders checked file by file, "
+          f"{partial} interrupted merges left only hidden staging folders; merge takes {merge_seconds * 1e3:.0f} ms, "
+          f"{shards} shards")
+    assert partial > 0, "no kill landed inside a merge; the delays are too short"
+
+
 def test_leftover_temp_files_are_ignored_by_loading(tmp_path):
     model, folder = _saved(tmp_path)
     expected = {k: v.clone() for k, v in model.adapter_parameters().items()}
