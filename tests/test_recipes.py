@@ -223,3 +223,16 @@ def test_real_configs_run_on_tiny_stand_ins(tmp_path, tokenizer, name, kind):
         assert config["trainable_token_indices"] == ids and min(ids) >= len(tokenizer)  # only the new rows
     if values.get("load_in_4bit"):
         assert report["trainable_percent"] < 100
+
+
+def test_accelerate_configs_are_valid_for_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP",
+                "deepspeed_zero3.yaml": "DEEPSPEED"}
+    for name, kind in expected.items():
+        path = RECIPES / "accelerate" / name
+        assert path.read_text().startswith("# accelerate launch --config_file recipes/accelerate/" + name)
+        assert str(load_config_from_file(str(path)).distributed_type).endswith(kind), name
+    assert yaml.safe_load((RECIPES / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
+    assert yaml.safe_load((RECIPES / "accelerate" / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
