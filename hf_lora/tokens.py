@@ -52,7 +52,8 @@ class TrainableTokens(nn.Module):
 
     Attributes:
         base_layer: The wrapped module.
-        token_adapter: Holds ``trainable_tokens_delta`` (``None`` when tied: see ``source``).
+        token_adapter: Holds ``trainable_tokens_delta``; absent on a tied output layer, which
+            reads its source's (`adapter`).
         merged: The values are written into ``base_layer.weight``.
         disabled: The base rows are used (``disable_adapter``).
     """
@@ -128,15 +129,14 @@ class TrainableTokens(nn.Module):
         A LoRA embedding inside is merged first and unmerged last, so the rows kept here are
         the ones `unmerge` must put back before the LoRA delta comes out.
         """
+        if not (self.merged or self.is_tied) and not torch.isfinite(self.adapter.trainable_tokens_delta).all():
+            raise ValueError("merge of trainable tokens would write NaN or inf rows; nothing was changed.")
         if isinstance(self.base_layer, LoRALayer):
             self.base_layer.merge(keep_original=keep_original)
         if self.merged or self.is_tied:
             return
         weight = raw_module(self.base_layer).weight
         self._merged_rows = weight[self.index].clone()
-        values = self.adapter.trainable_tokens_delta
-        if not torch.isfinite(values).all():
-            raise ValueError("merge of trainable tokens would write NaN or inf rows; nothing was changed.")
         weight[self.index] = (weight[self.index].float() + self._change()).to(weight.dtype)
         self.merged = True
 

@@ -206,3 +206,13 @@ def test_rows_combined_with_embedding_lora(keep_original, tmp_path):
     assert type(plain.model.embed_tokens) is torch.nn.Embedding and type(plain.lm_head) is torch.nn.Linear
     assert not any("lora" in n or "token_adapter" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(plain(input_ids=IDS).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_non_finite_rows():
+    model = _wrap(False)
+    with torch.no_grad():
+        model.base_model.model.embed_tokens.token_adapter.trainable_tokens_delta[0, 0] = float("nan")
+    weight = model.base_model.model.embed_tokens.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="would write NaN or inf rows; nothing was changed"):
+        model.base_model.model.embed_tokens.merge()
+    assert torch.equal(model.base_model.model.embed_tokens.base_layer.weight, weight)
