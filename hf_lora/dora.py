@@ -28,9 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from .config import InitMode
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
@@ -75,11 +74,6 @@ class DoRAMixin:
     def weight_norm(self) -> torch.Tensor:
         """``||W + s B A||`` per feature, without gradient (paper, section 4.3)."""
         return torch.linalg.vector_norm(self._dense_base() + self._lora_matrix(), dim=self._norm_dim)
-
-    @torch.no_grad()
-    def reset_magnitude(self) -> None:
-        """Set ``m`` to the current norm, so the layer computes ``W + s B A`` exactly (``k = 1``)."""
-        self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def magnitude_scale(self) -> torch.Tensor:
         """``k = m / ||W + s B A||`` (differentiable in ``m`` only)."""
