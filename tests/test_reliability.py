@@ -348,9 +348,10 @@ def test_last_complete_checkpoint_skips_incomplete_ones(tmp_path, caplog):
 TRAIN_CHILD = TESTS / "_train_child.py"
 
 
-def _train(out: Path, *, resume: bool, pause_step: int = 0) -> subprocess.Popen:
+def _train(out: Path, *, resume: bool, pause_step: int = 0, pause_train_step: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(TRAIN_CHILD), str(TESTS), str(out), "1" if resume else "0", str(pause_step)],
+        [sys.executable, str(TRAIN_CHILD), str(TESTS), str(out), "1" if resume else "0", str(pause_step),
+         str(pause_train_step)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -360,8 +361,9 @@ def test_training_killed_mid_save_resumes_to_the_same_adapter(tmp_path):
     """SIGKILL a Trainer run inside its step-4 save, resume with resume_from_checkpoint=True.
 
     The step-4 folder is incomplete (no trainer_state.json): Trainer alone would pick it;
-    SkipIncompleteCheckpoints sets it aside, the run resumes from step 2 and ends with the
-    adapter of an uninterrupted run, bit for bit.
+    SkipIncompleteCheckpoints sets it aside and the run resumes from step 2. That run is killed
+    again between two checkpoints (after step 5 or 7); the third run resumes from the last
+    complete checkpoint and ends with the adapter of an uninterrupted run, bit for bit.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -377,10 +379,21 @@ def test_training_killed_mid_save_resumes_to_the_same_adapter(tmp_path):
     assert "trainer_state.json is missing" in checkpoint_problem(crashed / "checkpoint-4")
     assert get_last_checkpoint(str(crashed)) == str(crashed / "checkpoint-4")  # what Trainer would load
     (crashed / "PAUSED").unlink()
+    # Second crash, between checkpoints: after optimizer step 5 or 7 (drawn), whose work is lost.
+    lost_step = random.Random(2).choice([5, 7])
+    second = _train(crashed, resume=True, pause_train_step=lost_step)
+    while not (crashed / "PAUSED").exists():
+        assert second.poll() is None and time.monotonic() < deadline, second.stdout.read()
+        time.sleep(0.05)
+    second.send_signal(signal.SIGKILL)
+    second_log = second.communicate()[0]
+    assert "set aside as" in second_log and f"{INCOMPLETE_PREFIX}checkpoint-4" in second_log
+    assert "DONE" not in second_log
+    assert last_complete_checkpoint(crashed) == str(crashed / f"checkpoint-{lost_step - 1}")
+    (crashed / "PAUSED").unlink()
     resumed = _train(crashed, resume=True)
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
-    assert "set aside as" in log and f"{INCOMPLETE_PREFIX}checkpoint-4" in log
     reference_log = uninterrupted.communicate(timeout=300)[0]
     assert uninterrupted.returncode == 0, reference_log
     assert "DONE 8" in log and "DONE 8" in reference_log
