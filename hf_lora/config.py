@@ -82,7 +82,7 @@ def _check_backtracking(name: str, pattern: str) -> None:
     def risky(items: Any, inside_repeat: bool) -> bool:
         for op, av in items:
             if op in repeats:
-                low, high, body = av
+                _, high, body = av
                 repeated = high > 1
                 if (repeated and inside_repeat) or risky(body, inside_repeat or repeated):
                     return True

@@ -22,13 +22,13 @@ import time
 # the parent's OpenMP worker threads, which fork does not copy.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_llama  # noqa: E402
+from conftest import make_llama
 
-from hf_lora import LoRAConfig, wrap  # noqa: E402
+from hf_lora import LoRAConfig, wrap
 
 
 def _fill(model, value: float) -> None:

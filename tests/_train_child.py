@@ -15,11 +15,11 @@ torch.set_num_threads(1)
 tests_dir, out, resume, pause_step = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 pause_train_step = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 sys.path.insert(0, tests_dir)
-from conftest import make_llama  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from conftest import make_llama
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_lora import LoRAConfig, wrap  # noqa: E402
-from hf_lora.resume import SkipIncompleteCheckpoints  # noqa: E402
+from hf_lora import LoRAConfig, wrap
+from hf_lora.resume import SkipIncompleteCheckpoints
 
 if pause_step:
     original = Trainer._save_rng_state
