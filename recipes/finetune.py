@@ -27,12 +27,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also under accelerate launch
 
-import finetune_data as fd  # noqa: E402
-import finetune_model as fm  # noqa: E402
+import finetune_data as fd
+import finetune_model as fm
 
 
 @dataclass
@@ -40,24 +40,24 @@ class DataArguments:
     """Where the examples come from and how they become token sequences."""
 
     dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or local .json/.jsonl/.csv/.parquet/.txt file."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: Optional[str] = field(default=None, metadata={"help": "Split to evaluate on (none: see eval_fraction)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (none: see eval_fraction)."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of train when there is no eval_split."})
     prompt_column: str = field(default="prompt", metadata={"help": "Instruction data: the prompt column."})
     response_column: str = field(default="response", metadata={"help": "Instruction data: the response column."})
     messages_column: str = field(default="messages", metadata={"help": "Chat data: list of {role, content} dicts."})
     text_column: str = field(default="text", metadata={"help": "Plain text data (causal LM on every token)."})
-    system_prompt: Optional[str] = field(default=None, metadata={"help": "System message prepended to every example."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message prepended to every example."})
     max_seq_length: int = field(default=512, metadata={"help": "Truncate (or, with packing, block) to this many tokens."})
     packing: bool = field(default=False, metadata={"help": "Concatenate examples into max_seq_length blocks."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N eval rows."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
     exact_match_samples: int = field(default=0, metadata={"help": "Generate answers for N eval rows and score exact match."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation length for exact match."})
     task_metric: str = field(default=str(Path(__file__).resolve().parent / "metrics" / "exact_match.py"),
                              metadata={"help": "evaluate metric for generated answers (local module or Hub id)."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for datasets.map."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
 
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ class ModelArguments:
     init_from_config: bool = field(default=False, metadata={
         "help": "Build a randomly initialised model from the folder's config.json instead of loading weights "
                 "(the offline demo); it is saved to output_dir/base_model so the adapter has a base to load onto."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer (default: model_name_or_path)."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: model_name_or_path)."})
     train_tokenizer_vocab: int = field(default=0, metadata={
         "help": "> 0: train a byte-level BPE tokenizer of this size on the training data instead of loading one."})
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(_DTYPES)}."})
@@ -36,9 +36,9 @@ class ModelArguments:
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
     bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "dtype of 4-bit matmuls."})
-    attn_implementation: Optional[str] = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2..."})
-    new_special_tokens: Optional[list[str]] = field(default=None, metadata={
-        "help": "Tokens added to the tokenizer; the embedding is resized and needs an embedding adapter to learn them."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2..."})
+    new_special_tokens: list[str] | None = field(default=None, metadata={
+        "help": "Tokens added to the tokenizer; the embedding is resized (train their rows with train_new_token_rows)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code (off: safer)."})
 
     def __post_init__(self) -> None:
@@ -64,16 +64,16 @@ class LoRAArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["attention", "mlp"], metadata={
         "help": "Groups (attention, mlp, embedding, all-linear), module names, or full-path regexes."})
-    lora_exclude_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules never adapted."})
+    lora_exclude_modules: list[str] | None = field(default=None, metadata={"help": "Modules never adapted."})
     lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r)."})
     init_lora_weights: str = field(default="true", metadata={
         "help": "true, false, gaussian, pissa, pissa_niter_<N> or olora (docs/variants.md)."})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: trained magnitude x direction (docs/variants.md)."})
-    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={
+    loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "LoRA+: B trains at this multiple of learning_rate (16 is typical); unset = one rate. "
                 "Not with FSDP/DeepSpeed, which build their own optimizer."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full and saved."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved."})
     train_new_token_rows: bool = field(default=False, metadata={
         "help": "Make the embedding rows of new_special_tokens trainable (only those rows are trained and saved)."})
 

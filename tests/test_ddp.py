@@ -43,9 +43,10 @@ def test_two_process_ddp_writes_one_trained_adapter_that_merges(tmp_path):
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
         assert all(handle.get_tensor(k).abs().sum() > 0 for k in keys if ".lora_B." in k)
 
+    from transformers import AutoModelForCausalLM
+
     from hf_lora import LoRAModelWrapper
     from hf_lora.cli import main as cli
-    from transformers import AutoModelForCausalLM
 
     merged = tmp_path / "merged"
     assert cli(["merge", str(out / "base_model"), str(out), str(merged)]) == 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_quantized, make_llama, save_base
 from safetensors import safe_open
 
-from conftest import load_quantized, make_llama, save_base
 from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
 from hf_lora.cli import main as cli
 

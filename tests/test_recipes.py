@@ -16,8 +16,8 @@ RECIPES = ROOT / "recipes"
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 sys.path.insert(0, str(RECIPES))
 
-import finetune  # noqa: E402
-import finetune_data as fd  # noqa: E402
+import finetune
+import finetune_data as fd
 
 DATA = RECIPES / "data" / "tiny_instruct"
 TINY = RECIPES / "configs" / "tiny-llama-lora.yaml"
@@ -160,7 +160,7 @@ def test_tiny_recipe_end_to_end_writes_a_peft_adapter_and_learns(tmp_path):
 
 def _stand_in(kind: str, folder: Path, tokenizer) -> str:
     """A tiny model of the real config's architecture, saved with a tokenizer, as a local model folder."""
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config)
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
     config = cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
