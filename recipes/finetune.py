@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=fd.IGNORE_INDEX,
                                                            pad_to_multiple_of=8),
-                      callbacks=fm.callbacks(), optimizers=fm.optimizers(model, args, lora_args))
+                      callbacks=fm.callbacks(args), optimizers=fm.optimizers(model, args, lora_args))
     before = trainer.evaluate() if eval_ds is not None else {}
     em_before = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if args.should_save else None
     train_started = time.perf_counter()

@@ -184,11 +184,24 @@ def wrap_for_training(base: Any, tokenizer: Any, model_args: ModelArguments, lor
     return wrap(base, lora_args.to_config(new_ids))
 
 
-def callbacks() -> list[Any]:
-    """`hf_lora.LoRACallback`: PEFT adapter files in every checkpoint, gradient and freezing checks."""
+def is_sharded(args: Any) -> bool:
+    """FSDP or DeepSpeed, set in TrainingArguments or by ``accelerate launch --config_file``."""
+    import os
+
+    from_env = any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return bool(args.fsdp or args.deepspeed or from_env)
+
+
+def callbacks(args: Any) -> list[Any]:
+    """`hf_lora.LoRACallback`: PEFT adapter files in every checkpoint, gradient and freezing checks.
+
+    Under FSDP / ZeRO-3 the live adapter tensors are shards or empty placeholders, so the
+    per-checkpoint PEFT export is switched off (Trainer's own gathered checkpoint still resumes);
+    the final adapter is gathered and written by `save_adapter`.
+    """
     from hf_lora import LoRACallback
 
-    return [LoRACallback()]
+    return [LoRACallback(save_adapter=not is_sharded(args))]
 
 
 def _gathered_adapter(trainer: Any) -> dict[str, torch.Tensor]:

@@ -236,3 +236,35 @@ def test_accelerate_configs_are_valid_for_accelerate():
         assert str(load_config_from_file(str(path)).distributed_type).endswith(kind), name
     assert yaml.safe_load((RECIPES / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
     assert yaml.safe_load((RECIPES / "accelerate" / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_sharded_runs_gather_the_adapter_and_refuse_empty_tensors(tmp_path, monkeypatch):
+    """FSDP/ZeRO-3 paths without GPUs: the backends are faked, the recipe's own logic is real."""
+    from types import SimpleNamespace
+
+    import finetune_model as fm
+
+    from conftest import make_llama
+    from hf_lora import LoRAConfig, wrap
+
+    args = SimpleNamespace(fsdp="", deepspeed=None, should_save=True)
+    assert fm.callbacks(args)[0].save_adapter is True
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fm.is_sharded(args) and fm.callbacks(args)[0].save_adapter is False  # no per-checkpoint export of shards
+
+    model = wrap(make_llama(), LoRAConfig(r=2, init_lora_weights=False))
+    full = {f"base_model.{k}": v.detach().clone() for k, v in model.adapter_parameters().items()}
+    accelerator = SimpleNamespace(is_main_process=True, get_state_dict=lambda _: full)
+    trainer = SimpleNamespace(model=model, model_wrapped=model, accelerator=accelerator, args=args,
+                              is_deepspeed_enabled=False, is_fsdp_enabled=True)
+    fm.save_adapter(trainer, str(tmp_path / "a"))
+    from hf_lora import LoRAModelWrapper
+
+    loaded = LoRAModelWrapper.from_pretrained(make_llama(), str(tmp_path / "a"))
+    for key, value in loaded.adapter_parameters().items():
+        assert torch.equal(value, full[f"base_model.{key}"])
+    first = next(iter(full))
+    full[first] = torch.empty(0)  # what an ungathered ZeRO-3 placeholder looks like
+    with pytest.raises(RuntimeError, match="is empty after gathering"):
+        fm.save_adapter(trainer, str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
