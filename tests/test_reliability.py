@@ -62,7 +62,7 @@ def _ask(proc: subprocess.Popen, line: str, expect: str) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_leaves_previous_or_new_complete_adapter(tmp_path):
+def test_sigkill_during_save_leaves_previous_or_new_complete_adapter(tmp_path, capsys):
     """Kill a real writer process at random instants inside save_pretrained, many times.
 
     After every kill the folder must load (``from_pretrained``) and hold exactly one version:
@@ -107,9 +107,10 @@ def test_sigkill_during_save_leaves_previous_or_new_complete_adapter(tmp_path):
             proc.stdin.write("quit\n")
             proc.stdin.flush()
             proc.wait(timeout=30)
-    print(f"\nsave kill test: {kills} SIGKILLs, {len(versions)} distinct complete versions loaded, "
-          f"{mid_save} kills left temp files (a write was in progress), save takes {save_seconds * 1e3:.1f} ms, "
-          f"weights file {size / 1e6:.2f} MB")
+    with capsys.disabled():  # the counts belong in every test log
+        print(f"\nsave kill test: {kills} SIGKILLs, {len(versions)} distinct complete versions loaded, "
+              f"{mid_save} kills left temp files (a write was in progress), save takes {save_seconds * 1e3:.1f} ms, "
+              f"weights file {size / 1e6:.2f} MB")
     assert len(versions) > 1, "no kill landed after a completed save; the delays are too short"
     assert mid_save > 0, "no kill landed inside a write; the delays are too long"
 
@@ -129,7 +130,7 @@ def _same_files(folder: Path, reference: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_during_hf_lora_merge_never_leaves_a_partial_output_folder(tmp_path):
+def test_sigkill_during_hf_lora_merge_never_leaves_a_partial_output_folder(tmp_path, capsys):
     """Kill `merge_adapter` (what `hf-lora merge` runs) at random instants, 10 times.
 
     Every output folder that exists afterwards is a whole merge, identical file by file to a
@@ -175,9 +176,10 @@ def test_sigkill_during_hf_lora_merge_never_leaves_a_partial_output_folder(tmp_p
             proc.stdin.flush()
             proc.wait(timeout=30)
     shards = len(list((tmp_path / "reference").glob("*.safetensors")))
-    print(f"\nmerge kill test: {kills} SIGKILLs, {len(checked)} whole merged folders checked file by file, "
-          f"{partial} interrupted merges left only hidden staging folders; merge takes {merge_seconds * 1e3:.0f} ms, "
-          f"{shards} shards")
+    with capsys.disabled():
+        print(f"\nmerge kill test: {kills} SIGKILLs, {len(checked)} whole merged folders checked file by file, "
+              f"{partial} interrupted merges left only hidden staging folders; merge takes {merge_seconds * 1e3:.0f} ms, "
+              f"{shards} shards")
     assert partial > 0, "no kill landed inside a merge; the delays are too short"
 
 
