@@ -283,3 +283,24 @@ def test_saving_adapters_refuses_a_symlink_named_like_an_adapter(tmp_path):
     (out / "second").unlink()
     model.save_pretrained(str(out))
     assert (out / "second" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_never_runs_code_shipped_with_the_base(tmp_path):
+    """A base folder whose config.json points at its own Python code (auto_map) is merged with the
+    library's classes; the shipped module is never imported unless --trust-remote-code is given."""
+    import json
+
+    from hf_lora.merge import merge_adapter
+
+    base = tmp_path / "base"
+    make_llama().save_pretrained(str(base))
+    marker = tmp_path / "pwned"
+    for name in ("evil.py", "__init__.py"):
+        (base / name).write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = _saved_adapter(tmp_path / "adapter")
+    merge_adapter(str(base), str(adapter), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert not marker.exists()
