@@ -26,6 +26,30 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would give: the existing file's, else 0o666 minus the umask.
+
+    ``mkstemp`` creates files readable by their owner only; without this, every adapter saved
+    on a shared disk would be unreadable to the rest of the team.
+    """
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _fsync_folder(folder: Path) -> None:
     # Makes the rename itself durable on power loss; not every platform can open a folder.
     with contextlib.suppress(OSError):
@@ -73,6 +97,7 @@ def atomic_write_files(writers: Mapping[Path, Callable[[str], None]]) -> None:
                 os.close(fd)
                 staged.append((path, tmp))
                 write(tmp)
+                os.chmod(tmp, _final_mode(path))
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
             except Exception as exc:

@@ -433,3 +433,16 @@ def test_configs_and_wrapped_models_can_be_copied_and_pickled():
     assert clone.lora_config == config and type(clone) is type(model)
     for key, value in pickle.loads(pickle.dumps(model)).adapter_parameters().items():
         assert torch.equal(value, model.adapter_parameters()[key])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_saved_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        _, folder = _saved(tmp_path)
+        assert {name: (folder / name).stat().st_mode & 0o777 for name in FILES} == dict.fromkeys(FILES, 0o644)
+        (folder / "adapter_config.json").chmod(0o640)  # a mode the user chose is kept on overwrite
+        atomic_write(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text("{}"))
+        assert (folder / "adapter_config.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
