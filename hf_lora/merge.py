@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_write, read_config, read_tensors, resolve_adapter_folder
+from .safe_io import staging_folder
 from .init import without_base_init
 from .layers import LoRALayer, TrainedCopy
 from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys
@@ -226,7 +226,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
     to_merge = {p for p, m in root.named_modules() if isinstance(m, LoRALayer)}
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = staging_folder(target)  # hidden, normal permissions; renamed into place when complete
     try:
         written, merged_layers, dequantized, weight_map = 0, set(), 0, {}
         shards = _shards(base_folder)

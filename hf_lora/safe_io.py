@@ -50,6 +50,19 @@ def _final_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+def staging_folder(target: str | os.PathLike[str], tag: str = "partial") -> Path:
+    """A new hidden folder beside ``target`` to build a whole output in, then rename into place.
+
+    Unlike ``tempfile.mkdtemp`` (owner-only 0700), it gets the permissions a plain ``mkdir``
+    would, so the renamed output is readable as usual.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
 def _fsync_folder(folder: Path) -> None:
     # Makes the rename itself durable on power loss; not every platform can open a folder.
     with contextlib.suppress(OSError):

@@ -446,3 +446,19 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_pat
         assert (folder / "adapter_config.json").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(previous)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_merged_folder_gets_the_usual_permissions(tmp_path):
+    from hf_lora.merge import merge_adapter
+
+    previous = os.umask(0o022)
+    try:
+        make_llama().save_pretrained(str(tmp_path / "base"))
+        _, adapter = _saved(tmp_path)
+        merge_adapter(str(tmp_path / "base"), str(adapter), str(tmp_path / "merged"))
+        merged = tmp_path / "merged"
+        assert merged.stat().st_mode & 0o777 == 0o755
+        assert {p.stat().st_mode & 0o777 for p in merged.iterdir()} == {0o644}
+    finally:
+        os.umask(previous)
