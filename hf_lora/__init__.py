@@ -9,7 +9,7 @@ from .kbit import prepare_for_kbit_training
 from .model import LoRAModelWrapper, wrap
 from .optimizers import create_loraplus_optimizer
 
-__all__ = ["LoRACallback", "ForgettingCallback", "prepare_for_kbit_training", "create_loraplus_optimizer", "LoRAConfig", "LoRAModelWrapper", "wrap"]
+__all__ = ["LoRACallback", "ForgettingCallback", "SkipIncompleteCheckpoints", "prepare_for_kbit_training", "create_loraplus_optimizer", "LoRAConfig", "LoRAModelWrapper", "wrap"]
 __version__ = "0.1.0"
 
 
@@ -23,4 +23,8 @@ def __getattr__(name: str) -> object:
         from .forgetting import ForgettingCallback
 
         return ForgettingCallback
+    if name == "SkipIncompleteCheckpoints":
+        from .resume import SkipIncompleteCheckpoints
+
+        return SkipIncompleteCheckpoints
     raise AttributeError(f"module 'hf_lora' has no attribute {name!r}")

@@ -19,7 +19,7 @@ from conftest import make_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_lora import LoRAConfig, wrap
-from hf_lora.resume import SkipIncompleteCheckpoints
+from hf_lora import SkipIncompleteCheckpoints
 
 if pause_step:
     original = Trainer._save_rng_state
