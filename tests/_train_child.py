@@ -18,8 +18,7 @@ sys.path.insert(0, tests_dir)
 from conftest import make_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_lora import LoRAConfig, wrap
-from hf_lora import SkipIncompleteCheckpoints
+from hf_lora import LoRAConfig, SkipIncompleteCheckpoints, wrap
 
 if pause_step:
     original = Trainer._save_rng_state
