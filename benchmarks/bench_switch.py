@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Interleaved so both see the same machine load (shared CPUs make timings drift).
         switches, copies = [], []
         for round_ in range(args.repeats):
-            switches.append(_median_seconds(lambda: model.set_adapter("b" if round_ % 2 == 0 else "default"), 1, args.device))
+            name = "b" if round_ % 2 == 0 else "default"
+            switches.append(_median_seconds(lambda name=name: model.set_adapter(name), 1, args.device))
             copies.append(_median_seconds(copy_once, 1, args.device))
         switch, copy = statistics.median(switches), statistics.median(copies)
         reload = _median_seconds(

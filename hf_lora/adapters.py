@@ -107,12 +107,12 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
-def _slots(wrapper: "LoRAModelWrapper") -> dict[str, tuple[nn.Parameter, _Slot | None]]:
+def _slots(wrapper: LoRAModelWrapper) -> dict[str, tuple[nn.Parameter, _Slot | None]]:
     found = wrapper.__dict__.get("_adapter_bank")
     return found.slots if found is not None else _walk_slots(wrapper)
 
 
-def _walk_slots(wrapper: "LoRAModelWrapper") -> dict[str, tuple[nn.Parameter, _Slot | None]]:
+def _walk_slots(wrapper: LoRAModelWrapper) -> dict[str, tuple[nn.Parameter, _Slot | None]]:
     owners: dict[str, _Slot] = {}
     for path, layer in lora_layers(wrapper.base_model):
         for index, attribute in enumerate(layer.adapter_attribute_names):
@@ -124,7 +124,7 @@ def _walk_slots(wrapper: "LoRAModelWrapper") -> dict[str, tuple[nn.Parameter, _S
     return {path: (param, owners.get(path)) for path, param in wrapper.adapter_parameters().items()}
 
 
-def logical_adapter_state(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor]:
+def logical_adapter_state(wrapper: LoRAModelWrapper) -> dict[str, torch.Tensor]:
     """The active adapter's parameters (views), with any zero padding beyond its rank trimmed.
 
     Without padding this is ``wrapper.adapter_parameters()``; saving always goes through it.
@@ -138,7 +138,7 @@ def logical_adapter_state(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor
     return out
 
 
-def _capture(wrapper: "LoRAModelWrapper", layers: list[tuple[str, LoRALayer]]) -> StoredAdapter:
+def _capture(wrapper: LoRAModelWrapper, layers: list[tuple[str, LoRALayer]]) -> StoredAdapter:
     return StoredAdapter(
         config=wrapper.lora_config,
         tensors={p: t.detach().clone() for p, t in logical_adapter_state(wrapper).items()},
@@ -147,7 +147,7 @@ def _capture(wrapper: "LoRAModelWrapper", layers: list[tuple[str, LoRALayer]]) -
     )
 
 
-def bank(wrapper: "LoRAModelWrapper") -> AdapterBank:
+def bank(wrapper: LoRAModelWrapper) -> AdapterBank:
     """The wrapper's `AdapterBank`, created on first use with its own adapter as ``"default"``."""
     found = wrapper.__dict__.get("_adapter_bank")
     if found is None:
@@ -158,7 +158,7 @@ def bank(wrapper: "LoRAModelWrapper") -> AdapterBank:
     return found
 
 
-def adapter_configs(wrapper: "LoRAModelWrapper") -> dict[str, LoRAConfig]:
+def adapter_configs(wrapper: LoRAModelWrapper) -> dict[str, LoRAConfig]:
     """Adapter name -> config, in load order (``{"default": ...}`` for a single adapter)."""
     found = wrapper.__dict__.get("_adapter_bank")
     if found is None:
@@ -166,14 +166,14 @@ def adapter_configs(wrapper: "LoRAModelWrapper") -> dict[str, LoRAConfig]:
     return {name: entry.config for name, entry in found.entries.items()}
 
 
-def active_adapter(wrapper: "LoRAModelWrapper") -> str:
+def active_adapter(wrapper: LoRAModelWrapper) -> str:
     """Name of the adapter the layers currently hold."""
     found = wrapper.__dict__.get("_adapter_bank")
     return DEFAULT_ADAPTER if found is None else found.active
 
 
 @torch.no_grad()
-def _grow(wrapper: "LoRAModelWrapper", ranks: dict[str, int]) -> None:
+def _grow(wrapper: LoRAModelWrapper, ranks: dict[str, int]) -> None:
     """Zero-pad layers whose physical rank is below ``ranks`` (same parameter objects, new storage)."""
     for path, (param, slot) in _slots(wrapper).items():
         if slot is None or slot.rank_dim is None or param.shape[slot.rank_dim] >= ranks[slot.layer_path]:
@@ -197,7 +197,7 @@ def _check_compatible(current: LoRAConfig, new: LoRAConfig, source: str) -> None
             )
 
 
-def register(wrapper: "LoRAModelWrapper", name: str, stored: StoredAdapter, source: str) -> None:
+def register(wrapper: LoRAModelWrapper, name: str, stored: StoredAdapter, source: str) -> None:
     """Add ``stored`` under ``name`` (inactive), after checking it fits the wrapper's layers."""
     found = bank(wrapper)
     check_adapter_name(name)
@@ -223,7 +223,7 @@ def register(wrapper: "LoRAModelWrapper", name: str, stored: StoredAdapter, sour
 
 
 @torch.no_grad()
-def _sync_active(wrapper: "LoRAModelWrapper", found: AdapterBank) -> None:
+def _sync_active(wrapper: LoRAModelWrapper, found: AdapterBank) -> None:
     """Copy the live (possibly trained) values of the active adapter into its stored buffers."""
     entry = found.entries[found.active]
     live = logical_adapter_state(wrapper)
@@ -245,7 +245,7 @@ def _check_known(found: AdapterBank, name: str) -> None:
 
 
 @torch.no_grad()
-def set_adapter(wrapper: "LoRAModelWrapper", name: str) -> None:
+def set_adapter(wrapper: LoRAModelWrapper, name: str) -> None:
     """Make ``name`` the active adapter by copying its factors into the LoRA layers in place."""
     found = bank(wrapper)
     _check_known(found, name)
@@ -274,7 +274,7 @@ def set_adapter(wrapper: "LoRAModelWrapper", name: str) -> None:
         layer.merge()
 
 
-def delete_adapter(wrapper: "LoRAModelWrapper", name: str) -> None:
+def delete_adapter(wrapper: LoRAModelWrapper, name: str) -> None:
     """Forget an inactive adapter (the layers keep their padded size)."""
     found = bank(wrapper)
     _check_known(found, name)
@@ -286,7 +286,7 @@ def delete_adapter(wrapper: "LoRAModelWrapper", name: str) -> None:
 
 
 @contextmanager
-def use_adapter(wrapper: "LoRAModelWrapper", name: str) -> Iterator[None]:
+def use_adapter(wrapper: LoRAModelWrapper, name: str) -> Iterator[None]:
     """Run with ``name`` active, then switch back to the previous adapter."""
     previous = active_adapter(wrapper)
     set_adapter(wrapper, name)
@@ -297,12 +297,18 @@ def use_adapter(wrapper: "LoRAModelWrapper", name: str) -> Iterator[None]:
 
 
 def load_adapter(
-    wrapper: "LoRAModelWrapper", model_id: str, name: str, *, revision: str | None = None,
+    wrapper: LoRAModelWrapper, model_id: str, name: str, *, revision: str | None = None,
     token: str | None = None, subfolder: str | None = None, strict_base: bool = False,
 ) -> None:
     """Read an adapter folder or Hub repo (ours or PEFT's) and register it under ``name``, inactive."""
     from .checkpoint import (
-        CONFIG_NAME, check_same_save, check_tensor_values, read_config, read_tensors, resolve_adapter_folder, weights_path,
+        CONFIG_NAME,
+        check_same_save,
+        check_tensor_values,
+        read_config,
+        read_tensors,
+        resolve_adapter_folder,
+        weights_path,
     )
     from .fingerprint import check_base, recorded_fingerprint
     from .init import modifies_base, without_base_init
@@ -326,7 +332,7 @@ def load_adapter(
     register(wrapper, name, stored, str(weights_path(folder)))
 
 
-def save_adapters(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str],
+def save_adapters(wrapper: LoRAModelWrapper, directory: str | os.PathLike[str],
                   selected: Sequence[str] | None = None, **card_fields: Any) -> list[Path]:
     """Save adapters in PEFT's layout: ``"default"`` in ``directory``, others in ``directory/<name>``.
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-from .safe_io import atomic_write
-
 from .analysis import (
     DEFAULT_ENERGY,
     LayerFactors,
@@ -26,6 +24,7 @@ from .analysis import (
     subspace_similarity,
     summarize,
 )
+from .safe_io import atomic_write
 
 
 def format_table(factors: dict[str, LayerFactors], other: dict[str, LayerFactors] | None = None,
@@ -50,7 +49,7 @@ def format_table(factors: dict[str, LayerFactors], other: dict[str, LayerFactors
     return "\n".join(lines)
 
 
-def _panels(count: int, width: float, height: float):  # noqa: ANN202 (matplotlib types)
+def _panels(count: int, width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg")

@@ -76,7 +76,7 @@ def _check_arguments(names: Sequence[str], weights: Sequence[float], method: str
 
 
 def add_weighted_adapter(
-    wrapper: "LoRAModelWrapper", adapters: Sequence[str], weights: Sequence[float], name: str,
+    wrapper: LoRAModelWrapper, adapters: Sequence[str], weights: Sequence[float], name: str,
     method: CombineMethod = "cat", rank: int | None = None,
 ) -> None:
     """Register ``name`` = the weighted combination of loaded ``adapters`` (inactive; see module doc).

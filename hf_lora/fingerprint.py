@@ -49,7 +49,7 @@ class BaseMismatchWarning(UserWarning):
     """An adapter is being loaded onto a base model other than the one it was saved with."""
 
 
-def _base_id(wrapper: "LoRAModelWrapper") -> tuple[str | None, str | None]:
+def _base_id(wrapper: LoRAModelWrapper) -> tuple[str | None, str | None]:
     config = getattr(wrapper.base_model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(wrapper.base_model, "name_or_path", None) or None
     revision = getattr(config, "_commit_hash", None) or None
@@ -90,7 +90,7 @@ def _byte_hash(weight: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def _layer_entry(layer: "LoRALayer") -> dict[str, Any]:
+def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
     weight = layer.base_layer.weight
     dense = layer.read_base_weight()
     if layer.merged:  # fingerprint the base, not base + delta; the raw bytes are not the base's
@@ -101,7 +101,7 @@ def _layer_entry(layer: "LoRALayer") -> dict[str, Any]:
     return {"storage": _storage_kind(weight), "sha256": raw, "signs": _sign_sketch(dense.cpu())}
 
 
-def base_fingerprint(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
+def base_fingerprint(wrapper: LoRAModelWrapper) -> dict[str, Any]:
     """Describe the base under ``wrapper``'s LoRA layers (see the module docstring).
 
     Args:
@@ -139,7 +139,7 @@ def _sign_agreement(a: str, b: str) -> float | None:
     count_b, _, bits_b = b.partition(":")
     if count_a != count_b or not count_a.isdigit() or int(count_a) == 0:
         return None
-    differing = bin(int(bits_a, 16) ^ int(bits_b, 16)).count("1")
+    differing = (int(bits_a, 16) ^ int(bits_b, 16)).bit_count()
     return 1.0 - differing / int(count_a)
 
 
@@ -185,7 +185,7 @@ def compare_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     return diffs
 
 
-def check_base(saved: Mapping[str, Any] | None, wrapper: "LoRAModelWrapper", *, strict: bool, source: str) -> None:
+def check_base(saved: Mapping[str, Any] | None, wrapper: LoRAModelWrapper, *, strict: bool, source: str) -> None:
     """Warn (or raise with ``strict``) when ``wrapper``'s base differs from the recorded one.
 
     Args:

@@ -152,7 +152,7 @@ class ForgettingCallback(TrainerCallback):
         self._logged_step: int | None = None
 
     @classmethod
-    def attach(cls, trainer: Trainer, reference_dataset: Iterable[Mapping[str, Any]], **kwargs: Any) -> "ForgettingCallback":
+    def attach(cls, trainer: Trainer, reference_dataset: Iterable[Mapping[str, Any]], **kwargs: Any) -> ForgettingCallback:
         """Build a callback that logs through ``trainer`` and add it to the trainer's callbacks."""
         callback = cls(reference_dataset, trainer=trainer, **kwargs)
         trainer.add_callback(callback)

@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import load_quantized, make_llama, save_base
 
 from hf_lora import LoRAConfig, LoRAModelWrapper, wrap
 from hf_lora.fingerprint import FINGERPRINT_KEY, BaseMismatchWarning, base_fingerprint, compare_fingerprints
 from hf_lora.layers import LoRALayer
-
-from conftest import load_quantized, make_llama, save_base
 
 CONFIG = LoRAConfig(r=4, lora_alpha=8, target_modules=["attention", "mlp"], init_lora_weights=False)
 
