@@ -202,3 +202,20 @@ def test_push_uploads_only_adapter_files(tmp_path, monkeypatch, capsys):
     assert "hub.example" in capsys.readouterr().out
     assert cli(["push", str(tmp_path / "missing"), "me/x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_8bit_base_is_dequantized_then_merged(tmp_path):
+    dense = save_base(make_llama(), tmp_path / "dense")
+    load_quantized(dense, 8).save_pretrained(str(tmp_path / "base8"))
+    _, adapter, wrapper = _trained_adapter(tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    assert cli(["merge", str(tmp_path / "base8"), adapter, str(out)]) == 0
+    key = "model.layers.1.self_attn.q_proj.weight"
+    with safe_open(str(tmp_path / "base8" / "model.safetensors"), framework="pt") as handle:
+        codes, scale = handle.get_tensor(key), handle.get_tensor(key.replace(".weight", ".SCB"))
+    expected = codes.float() * (scale.float().unsqueeze(1) / 127.0) + wrapper.base_model.get_submodule(
+        "model.layers.1.self_attn.q_proj").delta_weight()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert not any(k.endswith(("SCB", "weight_format")) for k in handle.keys())
+        torch.testing.assert_close(handle.get_tensor(key), expected, rtol=0, atol=1e-6)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
