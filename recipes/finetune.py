@@ -127,6 +127,13 @@ def _exact_match(model: Any, tokenizer: Any, dataset: Any, data_args: DataArgume
     return float(next(iter(metric.compute(predictions=answers, references=references).values())))
 
 
+def _resume_value(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint true`` means the last checkpoint in output_dir, not a folder called "true"."""
+    if value is not None and value.lower() in ("true", "last"):
+        return True
+    return None if value is None or value.lower() in ("false", "none", "") else value
+
+
 def _backend() -> str | None:
     import torch.distributed as dist
 
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = trainer.evaluate() if eval_ds is not None else {}
     em_before = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if args.should_save else None
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
     train_seconds = time.perf_counter() - train_started
     after = trainer.evaluate() if eval_ds is not None else {}
     em_after = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if args.should_save else None

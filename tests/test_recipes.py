@@ -268,3 +268,8 @@ def test_sharded_runs_gather_the_adapter_and_refuse_empty_tensors(tmp_path, monk
     with pytest.raises(RuntimeError, match="is empty after gathering"):
         fm.save_adapter(trainer, str(tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_resume_flag_values():
+    assert finetune._resume_value("true") is True and finetune._resume_value("False") is None
+    assert finetune._resume_value(None) is None and finetune._resume_value("out/checkpoint-8") == "out/checkpoint-8"
