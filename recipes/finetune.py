@@ -182,13 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=fd.IGNORE_INDEX,
                                                            pad_to_multiple_of=8),
                       callbacks=fm.callbacks(args), optimizers=fm.optimizers(model, args, lora_args))
+    # Generation runs on rank 0 alone: fine for DDP replicas, a deadlock for sharded parameters.
+    generate = args.should_save and not fm.is_sharded(args)
     before = trainer.evaluate() if eval_ds is not None else {}
-    em_before = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if args.should_save else None
+    em_before = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if generate else None
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
     train_seconds = time.perf_counter() - train_started
     after = trainer.evaluate() if eval_ds is not None else {}
-    em_after = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if args.should_save else None
+    em_after = _exact_match(model, tokenizer, eval_raw, data_args, fmt) if generate else None
 
     first, last = _first_last_train_loss(trainer.state.log_history)
     metrics = {k: v for k, v in {"eval_loss": after.get("eval_loss"), "exact_match": em_after}.items() if v is not None}
