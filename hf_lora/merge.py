@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,27 @@ def _merged_tensor(root: nn.Module, key: str, dense: torch.Tensor, adapter_param
     return (trained.data, True) if trained is not None else (dense, False)
 
 
+def _grow_vocab(config: Any, token_spec: Any) -> int:
+    """The vocabulary size trainable token rows need when it exceeds the base's (else 0); sets it on ``config``.
+
+    An adapter trained after ``resize_token_embeddings`` lists token ids the base checkpoint has
+    no rows for; the merged embedding (and output layer) get those rows, holding the trained values.
+    """
+    if not token_spec:
+        return 0
+    ids = [i for group in (token_spec.values() if isinstance(token_spec, Mapping) else [token_spec]) for i in group]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    needed = max(ids) + 1
+    if needed <= text.vocab_size:
+        return 0
+    text.vocab_size = needed
+    return needed
+
+
+def _path(model: nn.Module, module: nn.Module) -> str:
+    return next(p for p, m in model.named_modules() if m is module)
+
+
 def _tied_pairs(skeleton: nn.Module) -> list[tuple[str, str]]:
     """``(input embedding path, output layer path)`` when their weights are one tensor."""
     try:
@@ -215,10 +236,14 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
     config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust_remote_code)
     quant = getattr(config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    adapter_config = read_config(adapter_folder)
+    vocab = _grow_vocab(config, adapter_config.trainable_token_indices)
     skeleton = _skeleton(config, trust_remote_code)
     tied = _tied_pairs(skeleton)
+    grow = {f"{_path(skeleton, m)}.weight" for m in (skeleton.get_input_embeddings(), skeleton.get_output_embeddings())
+            if vocab and m is not None}
     # As when loading: the adapter was already initialised, so no init may rewrite the base.
-    lora_config = drop_absent_modules_to_save(read_config(adapter_folder), skeleton, str(adapter_folder))
+    lora_config = drop_absent_modules_to_save(adapter_config, skeleton, str(adapter_folder))
     wrapper = LoRAModelWrapper(skeleton, without_base_init(lora_config))
     _materialize_adapter(wrapper, drop_duplicate_head_keys(read_tensors(adapter_folder)), str(adapter_folder))
     root, params = wrapper.base_model, wrapper.adapter_parameters()
@@ -234,6 +259,8 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
             out: dict[str, torch.Tensor] = {}
             for key, tensor, was_quantized in _read_shard(base_folder / shard, quant):
                 dequantized += was_quantized
+                if key in grow and tensor.shape[0] < vocab:  # rows for tokens added after the base was saved
+                    tensor = torch.cat([tensor, tensor.new_zeros((vocab - tensor.shape[0], *tensor.shape[1:]))])
                 value, changed = _merged_tensor(root, key, tensor, params)
                 if changed and key.endswith(".weight"):
                     merged_layers.add(key.rpartition(".")[0])
@@ -251,7 +278,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum((staging / s).stat().st_size for s in shards)}, "weight_map": weight_map}
             atomic_write(staging / _INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-        _write_side_files(base_folder, adapter_folder, staging, out_dtype)
+        _write_side_files(base_folder, adapter_folder, staging, out_dtype, vocab)
         os.replace(staging, target) if not target.exists() else _move_into(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -289,7 +316,7 @@ def _quantized_from(quant: dict[str, Any] | None, config: Any) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
 
 
-def _write_side_files(base: Path, adapter: Path, staging: Path, out_dtype: torch.dtype | None) -> None:
+def _write_side_files(base: Path, adapter: Path, staging: Path, out_dtype: torch.dtype | None, vocab: int) -> None:
     """config.json without quantization, plus generation and tokenizer files (the adapter's tokenizer wins)."""
     for source in (base, adapter):
         for item in source.iterdir():
@@ -298,6 +325,8 @@ def _write_side_files(base: Path, adapter: Path, staging: Path, out_dtype: torch
                 shutil.copyfile(item, staging / item.name)
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
+    if vocab:
+        (config.get("text_config") or config)["vocab_size"] = vocab
     if out_dtype is not None:
         config["dtype"] = str(out_dtype).replace("torch.", "")
     atomic_write(staging / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))

@@ -77,16 +77,16 @@ class LoRAArguments:
     train_new_token_rows: bool = field(default=False, metadata={
         "help": "Make the embedding rows of new_special_tokens trainable (only those rows are trained and saved)."})
 
-    def to_config(self, new_token_ids: list[int] | None = None) -> LoRAConfig:
-        """The `LoRAConfig`; ``new_token_ids`` become ``trainable_token_indices`` when train_new_token_rows is set."""
+    def to_config(self, new_tokens: list[int] | dict[str, list[int]] | None = None) -> LoRAConfig:
+        """The `LoRAConfig`; ``new_tokens`` become ``trainable_token_indices`` when train_new_token_rows is set."""
         init: Any = {"true": True, "false": False}.get(str(self.init_lora_weights).lower(), self.init_lora_weights)
-        if self.train_new_token_rows and not new_token_ids:
+        if self.train_new_token_rows and not new_tokens:
             raise ValueError("train_new_token_rows=True needs new_special_tokens (the tokens whose rows to train).")
         return LoRAConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, exclude_modules=self.lora_exclude_modules,
                           bias=self.lora_bias, use_rslora=self.use_rslora, use_dora=self.use_dora, init_lora_weights=init,
                           modules_to_save=self.modules_to_save,
-                          trainable_token_indices=list(new_token_ids) if self.train_new_token_rows else None)
+                          trainable_token_indices=new_tokens if self.train_new_token_rows else None)
 
 
 def _training_texts(train_raw: Any, fmt: str, columns: dict[str, str]) -> list[str]:
@@ -180,8 +180,22 @@ def optimizers(model: Any, args: Any, lora_args: LoRAArguments) -> tuple[Any, No
 
 def wrap_for_training(base: Any, tokenizer: Any, model_args: ModelArguments, lora_args: LoRAArguments) -> Any:
     """Inject LoRA (activation checkpointing, if enabled, is switched on later by Trainer through the wrapper)."""
-    new_ids = tokenizer.convert_tokens_to_ids(list(model_args.new_special_tokens or []))
-    return wrap(base, lora_args.to_config(new_ids))
+    return wrap(base, lora_args.to_config(_new_token_rows(base, tokenizer, model_args)))
+
+
+def _new_token_rows(base: Any, tokenizer: Any, model_args: ModelArguments) -> list[int] | dict[str, list[int]]:
+    """The new tokens' ids, per module: the input embedding, and an untied output layer too.
+
+    An untied ``lm_head`` gets fresh random rows for new tokens when the embedding is resized;
+    unless they are trained (and saved) as well, the model cannot learn to emit the new tokens
+    and a reload would draw different random rows.
+    """
+    ids = tokenizer.convert_tokens_to_ids(list(model_args.new_special_tokens or []))
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    if not ids or out is None or out.weight is inp.weight:
+        return ids  # a list: the input embedding, and a tied output layer shares its rows
+    names = {id(m): p for p, m in base.named_modules()}
+    return {names[id(inp)]: ids, names[id(out)]: ids}
 
 
 def is_sharded(args: Any) -> bool:

@@ -219,3 +219,26 @@ def test_8bit_base_is_dequantized_then_merged(tmp_path):
         assert not any(k.endswith(("SCB", "weight_format")) for k in handle.keys())
         torch.testing.assert_close(handle.get_tensor(key), expected, rtol=0, atol=1e-6)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_new_token_rows_beyond_the_base_vocabulary_grow_the_merged_model(tmp_path):
+    """Adapter trained after resize_token_embeddings (256 -> 258), merged into the 256-row base."""
+    base = save_base(make_llama(), tmp_path / "base")
+    resized = make_llama()
+    resized.resize_token_embeddings(258, mean_resizing=False)
+    new = [256, 257]
+    wrapper = wrap(resized, LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                       trainable_token_indices={"model.embed_tokens": new, "lm_head": new}))
+    with torch.no_grad():
+        for p in wrapper.adapter_parameters().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    adapter = str(tmp_path / "adapter")
+    wrapper.save_pretrained(adapter)
+    out = tmp_path / "merged"
+    assert cli(["merge", base, adapter, str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 258
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    ids = torch.tensor([[5, 256, 9, 257, 3]])
+    torch.testing.assert_close(_logits(merged, ids), _logits(wrapper.eval(), ids), rtol=1e-5, atol=1e-5)

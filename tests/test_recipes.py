@@ -220,7 +220,9 @@ def test_real_configs_run_on_tiny_stand_ins(tmp_path, tokenizer, name, kind):
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(values["new_special_tokens"])
-        assert config["trainable_token_indices"] == ids and min(ids) >= len(tokenizer)  # only the new rows
+        # only the new rows, of the embedding and of the untied output layer (else lm_head rows stay random)
+        assert config["trainable_token_indices"] == {"model.embed_tokens": ids, "lm_head": ids}
+        assert min(ids) >= len(tokenizer)
     if values.get("load_in_4bit"):
         assert report["trainable_percent"] < 100
 
