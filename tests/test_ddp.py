@@ -20,12 +20,20 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_writes_one_trained_adapter_that_merges(tmp_path):
     out = tmp_path / "ddp"
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = accelerate + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--main_process_port", "29517",
+                        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                         "recipes/finetune.py", "--config", "recipes/configs/tiny-llama-lora.yaml",
                         "--output_dir", str(out), "--max_steps", "4", "--exact_match_samples", "0", "--disable_tqdm", "true"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
