@@ -19,9 +19,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from bench_train import TARGETS, add_model_args, autocast, build_base, sync
+from torch import nn
 
 
 def randomize(model: nn.Module) -> None:

@@ -149,7 +149,7 @@ def _status_bytes(field: str) -> int:
 
 def child_peak(args: argparse.Namespace, base: nn.Module, name: str, dropout: float) -> None:
     """Run one variant alone (this is a child process) and print its peak memory as JSON."""
-    import hf_lora.fused as fused
+    from hf_lora import fused
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     model = {"hf_lora": make_hf_lora, "plain": make_hf_lora, "peft": make_peft}.get(name)
@@ -191,7 +191,7 @@ def saved_bytes(model: nn.Module, step: Callable[[], None]) -> int:
 
 def run(args: argparse.Namespace, base: nn.Module, dropout: float) -> dict[str, dict[str, float]]:
     """Time every variant interleaved; returns per-variant medians and memory figures."""
-    import hf_lora.fused as fused
+    from hf_lora import fused
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(args.device)
@@ -239,8 +239,9 @@ def report(results: dict[str, dict[str, float]], dropout: float) -> str:
     def ratio(res: dict[str, float], ref: dict[str, float] | None, key: str) -> str:
         return f"{res[key] / ref[key]:.3f}" if ref else "-"
 
-    lines = [f"dropout {dropout}", f"{'variant':8} {'wall ms':>8} {'x peft':>7} {'x floor':>8} {'cpu ms':>8} "
-             f"{'x peft':>7} {'x floor':>8} {'saved MB':>9} {'x peft':>7} {'peak MB':>8} {'rise MB':>8}"]
+    header = (f"{'variant':8} {'wall ms':>8} {'x peft':>7} {'x floor':>8} {'cpu ms':>8} "
+              f"{'x peft':>7} {'x floor':>8} {'saved MB':>9} {'x peft':>7} {'peak MB':>8} {'rise MB':>8}")
+    lines = [f"dropout {dropout}", header]
     for name, res in results.items():
         lines.append(
             f"{name:8} {res['median_ms']:8.0f} {ratio(res, peft, 'median_ms'):>7} "

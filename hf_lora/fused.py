@@ -132,6 +132,13 @@ def _dropped_input(x2d: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | N
     return _zero_dropped_(copy, mask)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    # The casts are explicit here; entering autocast's context costs microseconds per call.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class _Plan:
     """The non-tensor arguments of one fused call."""
@@ -153,7 +160,7 @@ class _LoRALinear(torch.autograd.Function):
         base_weight: torch.Tensor | None, base_bias: torch.Tensor | None, plan: _Plan,
     ) -> torch.Tensor:
         dtype = plan.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             x2d = x.reshape(-1, x.shape[-1])
             if base_weight is not None:  # our own fresh output: always updated in place
                 bias = None if base_bias is None else base_bias.to(plan.base_dtype)
@@ -181,7 +188,7 @@ class _LoRALinear(torch.autograd.Function):
         plan, needs = ctx.plan, ctx.needs_input_grad
         dtype = plan.dtype
         grad_x = grad_a = grad_b = grad_bias = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
             g_adapter = g2d.to(dtype)
             if needs[3]:
@@ -229,9 +236,11 @@ def _qualname(module: nn.Module) -> str:
 
 def _base_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     """The dtype the base ``nn.Linear`` computes in for ``x``, or ``None`` if it cannot be fused."""
-    if not _plain(base, nn.Linear) or type(base.weight) is not nn.Parameter or base.weight.requires_grad:
+    if not _plain(base, nn.Linear):
         return None
-    weight, bias = base.weight, base.bias
+    weight, bias = base._parameters["weight"], base._parameters["bias"]  # skips Module.__getattr__
+    if type(weight) is not nn.Parameter or weight.requires_grad:
+        return None
     if weight.dtype not in _FLOAT_DTYPES or weight.device != x.device:
         return None
     if bias is not None and (type(bias) is not nn.Parameter or bias.dtype != weight.dtype):
@@ -303,4 +312,17 @@ def adapter_update(layer: nn.Module, x: torch.Tensor, result: torch.Tensor | Non
         inplace = (result._base is None and result.is_contiguous() and result.data_ptr() != x.data_ptr()
                    and _qualname(base) in _INPLACE_BASES and not (result.is_leaf and result.requires_grad))
     plan = _Plan(layer.scaling / (1.0 - p), p, draw_seed() if p else 0, dtype, base_dtype, inplace)
-    return _LoRALinear.apply(result, x, layer.lora_A.weight, layer.lora_B.weight, base_weight, base_bias, plan)
+    args = (result, x, layer.lora_A.weight, layer.lora_B.weight, base_weight, base_bias, plan)
+    if not torch.is_grad_enabled():  # inference: the same maths without autograd's bookkeeping
+        return _LoRALinear.forward(_NoBackward(), *args)
+    return _LoRALinear.apply(*args)
+
+
+class _NoBackward:
+    """Stands in for autograd's ``ctx`` when no backward will run."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+    def mark_dirty(self, *tensors: torch.Tensor) -> None:
+        pass

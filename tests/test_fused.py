@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import load_quantized, make_llama, save_base
 from torch import nn
 
-from conftest import load_quantized, make_llama, save_base
 from hf_lora import LoRAConfig, fused, wrap
 from hf_lora.layers import LoRALinear
 
