@@ -13,7 +13,10 @@ maths with one custom `torch.autograd.Function` that
   are geometric), so it costs ``p * numel`` random numbers instead of ``numel``; on other
   devices it uses ``bernoulli_`` with a seeded generator;
 * folds ``1 / (1 - p)`` into ``scaling`` on the rank-r intermediate;
-* adds the update into the base output in place (``addmm_``) where that is safe.
+* for a plain frozen ``nn.Linear`` base, runs the base matmul inside the same node, so the
+  update accumulates into the base output (``addmm_``) and the adapter's share of the input
+  gradient into the base's (no extra full-size tensor, no autograd sum); for other bases
+  (bitsandbytes, ``Conv1D``, hooked) it adds into their output, in place where that is safe.
 
 `applies` says whether a layer and its inputs qualify; `LoRALinear.forward` uses the plain
 formula otherwise. The seed comes from torch's global CPU generator, so ``torch.manual_seed``
