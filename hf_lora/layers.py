@@ -124,6 +124,16 @@ class LoRALayer(nn.Module):
             return x.to(dtype)
         return x
 
+    def __getattr__(self, name: str) -> Any:
+        # transformers code reads ``get_input_embeddings().weight``, ``.in_features``,
+        # ``.padding_idx``... on whatever sits at a layer's path: answer with the base layer's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(super().__getattr__("base_layer"), name)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 

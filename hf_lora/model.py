@@ -15,14 +15,11 @@ stock ``transformers.Trainer`` treats it correctly (see ``docs/trainer.md``):
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import LoRAConfig
 from .init import check_base_init, init_from_base
@@ -32,6 +29,7 @@ from .quantized import keep_cpu_4bit_weights_fixed
 from .state import adapter_parameters, count_parameters, freeze_base, lora_layers
 from .targets import match_modules_to_save, peft_target_modules, plan_targets
 from .tokens import TrainableTokens, apply_trainable_tokens, plan_trainable_tokens, token_layers
+from .trainer_compat import TrainerCompatMixin
 from .tying import check_untied, untie_base_weights
 
 _WRAPPER_CLASSES: dict[type, type] = {}
@@ -78,7 +76,7 @@ def _replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
+class LoRAModelWrapper(TrainerCompatMixin, MultiAdapterMixin, nn.Module):
     """A transformers model with LoRA adapters injected. Build it with `wrap`.
 
     Attributes:
@@ -160,101 +158,15 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def _get_name(self) -> str:
-        # Trainer's label smoothing decides label shifting from this name.
-        return self.base_model._get_name()
-
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (PEFT's name for ``base_model``)."""
         return self.base_model
-
-    def to(self, *args: Any, **kwargs: Any) -> "LoRAModelWrapper":
-        """``nn.Module.to``, refusing dtype casts of a bitsandbytes base (they would corrupt it)."""
-        _, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None and getattr(self.base_model, "is_quantized", False):
-            raise ValueError(
-                f"Cannot cast a quantized base model to {dtype}; the adapters already compute in "
-                "fp32 and mixed precision is set through TrainingArguments (bf16/fp16)."
-            )
-        return super().to(*args, **kwargs)
-
-    # nn.Module's dtype shortcuts bypass to(); route them through it so the guard applies.
-    def half(self) -> "LoRAModelWrapper":
-        """``to(torch.float16)``; refused for a quantized base."""
-        return self.to(torch.float16)
-
-    def bfloat16(self) -> "LoRAModelWrapper":
-        """``to(torch.bfloat16)``; refused for a quantized base."""
-        return self.to(torch.bfloat16)
-
-    def float(self) -> "LoRAModelWrapper":
-        """``to(torch.float32)``; refused for a quantized base."""
-        return self.to(torch.float32)
-
-    def double(self) -> "LoRAModelWrapper":
-        """``to(torch.float64)``; refused for a quantized base."""
-        return self.to(torch.float64)
-
-    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        """Enable the base's activation checkpointing and make its inputs require grad.
-
-        With a frozen embedding, reentrant checkpointing would otherwise see inputs without
-        grad and silently train nothing.
-        """
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if enable is None:
-            enable = self.base_model.gradient_checkpointing_enable
-        enable(*args, **kwargs)
-        self._enable_input_grads_once()
-
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        """Deprecated transformers alias of `activation_checkpointing_enable`."""
-        enable = getattr(self.base_model, "gradient_checkpointing_enable")
-        enable(*args, **kwargs)
-        self._enable_input_grads_once()
-
-    def _enable_input_grads_once(self) -> None:
-        # The base's own enable often installs the hook already; a second call would replace
-        # the stored handle and leave an orphan hook that disable_input_require_grads() misses.
-        if not getattr(self.base_model, "_require_grads_hooks", None):
-            self.base_model.enable_input_require_grads()
 
     # --- adapter state ------------------------------------------------------------------------
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Adapter parameters keyed by path in ``base_model`` (the one definition of adapter state)."""
         return adapter_parameters(self.base_model, self.lora_config.bias)
-
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """Adapter tensors only (keys ``base_model.<path>``); what Trainer writes to checkpoints.
-
-        Collected from the adapter parameters directly: walking the base would run quantized
-        layers' state-dict hooks, which on some CPUs alter bitsandbytes 4-bit weights.
-        """
-        if args:  # legacy positional (destination, prefix, keep_vars)
-            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
-        out = destination if destination is not None else OrderedDict()
-        for path, param in self.adapter_parameters().items():
-            out[f"{prefix}base_model.{path}"] = param if keep_vars else param.detach()
-        return out
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> _IncompatibleKeys:
-        """Load adapter tensors written by `state_dict`; missing keys are reported among adapter keys only."""
-        expected = {f"base_model.{p}": param for p, param in self.adapter_parameters().items()}
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Adapter state mismatch: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}.")
-        for key, param in expected.items():
-            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
-                raise RuntimeError(
-                    f"Adapter tensor {key!r} has shape {tuple(state_dict[key].shape)}, model expects {tuple(param.shape)}."
-                )
-        with torch.no_grad():
-            for key, param in expected.items():
-                if key in state_dict:
-                    param.copy_(state_dict[key])
-        return _IncompatibleKeys(missing, unexpected)
 
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
@@ -410,16 +322,6 @@ class LoRAModelWrapper(MultiAdapterMixin, nn.Module):
 
         return push_adapter(self, repo_id, **kwargs)
 
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        """Rewrite ``output_dir/README.md`` as hf_lora's adapter card (called by ``Trainer.push_to_hub``).
-
-        Trainer calls this after writing its own card when the folder's previous card said
-        ``library_name: peft`` (``LoRACallback`` writes one in ``on_push_begin``). Trainer's tags
-        and its "Training procedure" section are kept; the front matter becomes ours.
-        """
-        from .hub import rewrite_trainer_card
-
-        rewrite_trainer_card(self, output_dir, metrics=self.__dict__.get("_hf_lora_card_metrics"))
 
 
 def _is_peft_injected(model: nn.Module) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LoRAEmbedding, LoRALayer
+from .layers import LoRALayer
 
 
 def raw_module(module: nn.Module) -> nn.Module:

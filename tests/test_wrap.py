@@ -313,3 +313,22 @@ def test_lora_on_a_tied_lm_head_merge_is_refused():
     wrapper = wrap(make_llama(tie_word_embeddings=True), LoRAConfig(target_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"'lm_head'.*model\.embed_tokens\.weight"):
         wrapper.merge()
+
+
+def test_lora_layers_expose_the_base_layers_attributes():
+    """transformers reads get_input_embeddings().weight and a linear's in_features on wrapped layers."""
+    from conftest import make_llama
+
+    from hf_lora import LoRAConfig, wrap
+
+    model = make_llama()
+    embed_weight = model.model.embed_tokens.weight
+    q_proj = model.model.layers[0].self_attn.q_proj
+    wrapped = wrap(model, LoRAConfig(target_modules=["attention", "embedding"]))
+    assert wrapped.get_input_embeddings().weight is embed_weight
+    assert wrapped.get_input_embeddings().padding_idx == model.config.pad_token_id
+    lora_q = wrapped.base_model.model.layers[0].self_attn.q_proj
+    assert lora_q.weight is q_proj.weight
+    assert (lora_q.in_features, lora_q.out_features) == (q_proj.in_features, q_proj.out_features)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        lora_q.no_such_attribute
