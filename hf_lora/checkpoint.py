@@ -25,11 +25,12 @@ from .config import LoRAConfig
 from .fingerprint import FINGERPRINT_KEY, base_fingerprint, check_base, recorded_fingerprint
 from .init import modifies_base, without_base_init
 from .layers import LoRAConv1D
-from .tokens import resize_for_tokens
 from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys, task_type_for_peft
+
 # atomic_write is re-exported here: the helper every hf_lora writer (merge, reports) uses.
 from .safe_io import atomic_write, atomic_write_files, check_relative_name, safe_join  # noqa: F401
 from .state import lora_layers, peft_key
+from .tokens import resize_for_tokens
 
 if TYPE_CHECKING:
     from .model import LoRAModelWrapper

@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_write, read_config, read_tensors, resolve_adapter_folder
-from .safe_io import staging_folder
 from .init import without_base_init
 from .layers import LoRALayer, TrainedCopy
 from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys
+from .safe_io import staging_folder
 from .state import peft_key
 from .tokens import TrainableTokens
 

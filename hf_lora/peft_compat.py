@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 
 import torch
 from torch import nn
 
 from .config import LoRAConfig
 from .layers import TrainedCopy
+from .targets import name_matches
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,6 @@ def task_type_for_peft(task_type: str | None, model: nn.Module) -> str | None:
     return None if unsaved else task_type
 
 
-def _matches(entry: str, path: str) -> bool:
-    # The rule of `targets.match_modules_to_save`: exact path, dotted suffix, or full-path regex.
-    if path == entry or path.endswith("." + entry):
-        return True
-    try:
-        return re.fullmatch(entry, path) is not None
-    except re.error:
-        return False
-
-
 def drop_absent_modules_to_save(config: LoRAConfig, model: nn.Module, source: str) -> LoRAConfig:
     """``config`` without the ``modules_to_save`` entries that match no module of ``model``.
 
@@ -72,7 +62,7 @@ def drop_absent_modules_to_save(config: LoRAConfig, model: nn.Module, source: st
     if not config.modules_to_save:
         return config
     paths = [path for path, _ in model.named_modules() if path]
-    kept = tuple(entry for entry in config.modules_to_save if any(_matches(entry, path) for path in paths))
+    kept = tuple(entry for entry in config.modules_to_save if any(name_matches(entry, path) for path in paths))
     if kept == config.modules_to_save:
         return config
     dropped = [entry for entry in config.modules_to_save if entry not in kept]

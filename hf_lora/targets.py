@@ -76,7 +76,8 @@ def _entries(spec: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (spec,) if isinstance(spec, str) else spec
 
 
-def _name_matches(entry: str, path: str) -> bool:
+def name_matches(entry: str, path: str) -> bool:
+    """The name rule of ``target_modules`` and ``modules_to_save``: exact path, dotted suffix, or full-path regex."""
     if path == entry or path.endswith("." + entry):
         return True
     try:
@@ -91,7 +92,7 @@ def _matches(entry: str, path: str, module: nn.Module, groups: dict[str, str], o
         return kind is not None and kind.is_linear and module is not output_layer
     if entry in groups:
         return re.fullmatch(groups[entry], path) is not None
-    return _name_matches(entry, path)
+    return name_matches(entry, path)
 
 
 # Task heads of classification / QA models: freshly initialised, trained in full via
@@ -180,7 +181,7 @@ def match_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> li
     paths = [p for p, _ in model.named_modules() if p]
     found: list[str] = []
     for entry in names:
-        hits = [p for p in paths if _name_matches(entry, p) and not any(p.startswith(f + ".") for f in found)]
+        hits = [p for p in paths if name_matches(entry, p) and not any(p.startswith(f + ".") for f in found)]
         if not hits:
             close = difflib.get_close_matches(entry, sorted({p.rsplit(".", 1)[-1] for p in paths}), n=5, cutoff=0.5)
             raise ValueError(
