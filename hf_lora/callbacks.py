@@ -36,6 +36,16 @@ _NOT_METRIC_SUFFIXES = ("_runtime", "_per_second")
 _MAX_NAMES = 5
 
 
+def is_sharded_training(args: TrainingArguments) -> bool:
+    """FSDP or DeepSpeed, set in ``TrainingArguments`` or by ``accelerate launch --config_file``.
+
+    The second way leaves ``args.fsdp`` / ``args.deepspeed`` empty and only sets accelerate's
+    environment variables, so both are read.
+    """
+    from_env = any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return bool(args.fsdp or args.deepspeed or from_env)
+
+
 def training_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """Latest value of each loss / eval metric in Trainer's ``state.log_history``."""
     metrics: dict[str, float] = {}
@@ -147,7 +157,7 @@ class LoRACallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._pending:
             return
-        if args.deepspeed or args.fsdp:
+        if is_sharded_training(args):
             logger.info("hf_lora: gradient check skipped: DeepSpeed/FSDP keep gradients outside param.grad.")
             self._pending = None
             return
@@ -160,8 +170,21 @@ class LoRACallback(TrainerCallback):
             raise _gradient_error(report, args)
         self._pending = report.waiting or None
 
+    def _warn_sharded_once(self) -> None:
+        if not getattr(self, "_warned_sharded", False):
+            logger.warning(
+                "hf_lora: FSDP/DeepSpeed training: per-checkpoint PEFT adapter files are not written "
+                "(the live tensors are shards); gather and save the adapter after training."
+            )
+            self._warned_sharded = True
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not (self.save_adapter and args.should_save):
+            return
+        if is_sharded_training(args):
+            # Live adapter tensors are shards or empty ZeRO-3 placeholders here; exporting them
+            # would write a broken adapter. Trainer's own gathered checkpoint still resumes.
+            self._warn_sharded_once()
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
@@ -172,6 +195,9 @@ class LoRACallback(TrainerCallback):
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not (self.save_adapter and args.should_save):
+            return
+        if is_sharded_training(args):
+            self._warn_sharded_once()
             return
         model = _wrapper(kwargs.get("model"))
         metrics = training_metrics(state.log_history)

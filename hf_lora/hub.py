@@ -24,6 +24,7 @@ def model_card(
     dataset: str | None = None,
     extra_tags: Sequence[str] = (),
     appendix: str | None = None,
+    repo_id: str | None = None,
 ) -> str:
     """README.md text for an adapter: YAML front matter, then config, size and metrics.
 
@@ -33,6 +34,7 @@ def model_card(
         dataset: A Hub dataset id for the front matter.
         extra_tags: More front-matter tags (e.g. Trainer's), appended without duplicates.
         appendix: Markdown appended at the end (e.g. Trainer's "Training procedure").
+        repo_id: The Hub repository the card is pushed to, used in the loading snippet.
     """
     from .checkpoint import _base_name_or_path
 
@@ -60,7 +62,7 @@ def model_card(
         "",
         "```python",
         "from hf_lora import LoRAModelWrapper",
-        "model = LoRAModelWrapper.from_pretrained(base_model, \"<this repo>\")",
+        f"model = LoRAModelWrapper.from_pretrained(base_model, {repo_id or 'path/to/this/adapter'!r})",
         "```",
         "",
         "| setting | value |",
@@ -124,7 +126,7 @@ def push_adapter(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="hf_lora_push_") as folder:
-        wrapper.save_pretrained(folder, metrics=metrics)
+        wrapper.save_pretrained(folder, metrics=metrics, repo_id=repo_id)
         info: Any = api.upload_folder(
             folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision, commit_message=commit_message
         )

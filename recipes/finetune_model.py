@@ -200,10 +200,9 @@ def _new_token_rows(base: Any, tokenizer: Any, model_args: ModelArguments) -> li
 
 def is_sharded(args: Any) -> bool:
     """FSDP or DeepSpeed, set in TrainingArguments or by ``accelerate launch --config_file``."""
-    import os
+    from hf_lora.callbacks import is_sharded_training
 
-    from_env = any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-    return bool(args.fsdp or args.deepspeed or from_env)
+    return is_sharded_training(args)
 
 
 def callbacks(args: Any) -> list[Any]:

@@ -157,3 +157,22 @@ def test_hub_token_in_training_arguments_is_warned_about(tmp_path, caplog):
     # What the warning says: Trainer pickles the token into every checkpoint's training_args.bin.
     assert TOKEN.encode() in (tmp_path / "checkpoint-1" / "training_args.bin").read_bytes()
     assert TOKEN.encode() not in (tmp_path / "checkpoint-1" / "adapter_config.json").read_bytes()
+
+
+def test_pushed_card_loading_snippet_names_the_repo(tmp_path, monkeypatch):
+    """The card's from_pretrained line uses the repo id it is pushed to, not a placeholder."""
+    import huggingface_hub
+    from conftest import make_llama
+
+    from hf_lora import wrap
+
+    cards: list[str] = []
+
+    def fake_upload_folder(self, *, folder_path, **kwargs):
+        cards.append((Path(folder_path) / "README.md").read_text())
+        return "https://hub.invalid/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    wrap(make_llama()).push_to_hub("someone/tiny-adapter")
+    assert "LoRAModelWrapper.from_pretrained(base_model, 'someone/tiny-adapter')" in cards[0]

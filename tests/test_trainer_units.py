@@ -94,3 +94,20 @@ def test_on_save_writes_into_the_step_folder_and_skips_a_missing_one(tmp_path, m
         LoRACallback().on_save(args, TrainerState(global_step=5), control, model=model)  # e.g. under HP search
     assert not (tmp_path / "checkpoint-5").exists()
     assert any("checkpoint-5 not found" in r.getMessage() for r in caplog.records)
+
+
+def test_callback_writes_no_adapter_files_under_sharding_set_by_accelerate_env(tmp_path, monkeypatch):
+    """FSDP/ZeRO-3 from an accelerate config file only sets env vars; the export must still stand down."""
+    from types import SimpleNamespace
+
+    from hf_lora import LoRACallback
+    from hf_lora.callbacks import is_sharded_training
+
+    args = SimpleNamespace(fsdp="", deepspeed=None, should_save=True, output_dir=str(tmp_path))
+    assert not is_sharded_training(args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert is_sharded_training(args)
+    (tmp_path / "checkpoint-3").mkdir()
+    state = SimpleNamespace(global_step=3, log_history=[])
+    LoRACallback().on_save(args, state, None, model=None)
+    assert list((tmp_path / "checkpoint-3").iterdir()) == []
