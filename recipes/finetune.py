@@ -7,8 +7,9 @@ file given with ``--config`` and overridden on the command line (the command lin
     python recipes/finetune.py --config recipes/configs/tiny-llama-lora.yaml
     # same, shorter, elsewhere
     python recipes/finetune.py --config recipes/configs/tiny-llama-lora.yaml --output_dir /tmp/run --max_steps 20
-    # 2-process DDP on CPU (gloo); on GPUs drop --cpu and use recipes/accelerate/multi_gpu.yaml
-    accelerate launch --cpu --num_processes 2 recipes/finetune.py --config recipes/configs/tiny-llama-lora.yaml
+    # 2-process DDP on CPU (gloo: the tiny config sets use_cpu); `--cpu --num_processes 2` would
+    # start one process (accelerate's multi-CPU mode needs mpirun)
+    accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py --config recipes/configs/tiny-llama-lora.yaml
     # Llama 3 8B, QLoRA, one GPU
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/finetune.py \\
         --config recipes/configs/llama-3-8b-qlora.yaml
