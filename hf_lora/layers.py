@@ -87,10 +87,10 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             return
-        merged_weight = self.read_base_weight() + self.delta_weight()
-        self._check_finite(merged_weight, "merge")
-        self._original_weight = self.snapshot_base_weight() if keep_original else None
-        self.write_base_weight(merged_weight)
+        delta = self.delta_weight()
+        snapshot = self.snapshot_base_weight() if keep_original else None
+        self._add_to_base_weight(delta, "merge")
+        self._original_weight = snapshot
         self.merged = True
 
     @torch.no_grad()
@@ -102,15 +102,30 @@ class LoRALayer(nn.Module):
         if original is not None:
             self.restore_base_weight(original)
         else:
-            restored = self.read_base_weight() - self.delta_weight()
-            self._check_finite(restored, "unmerge")
-            self.write_base_weight(restored)
+            self._add_to_base_weight(self.delta_weight().neg_(), "unmerge")
         self._original_weight = None
         self.merged = False
 
+    def _add_to_base_weight(self, delta: torch.Tensor, action: str) -> None:
+        """``W += delta`` with fp32 maths and one rounding into W's dtype; W unchanged on error.
+
+        A dense base whose extremes prove the sum finite (``max|W| + max|delta|`` below the
+        dtype's largest value; NaN fails the test) is updated in place: one pass, no merged
+        copy. Anything else (quantized bases, sums near the dtype's limit) builds the merged
+        weight in the base's own dtype first and checks *that*, so an fp16/bf16 overflow is
+        refused rather than written as inf.
+        """
+        dense = type(self).write_base_weight is LoRALayer.write_base_weight
+        weight = self.base_layer.weight
+        if dense and _sum_is_finite(weight, delta):
+            weight.data.add_(delta)  # type promotion: computed in fp32, rounded once
+            return
+        merged = self.read_base_weight() + delta
+        self._check_finite(merged.to(weight.dtype) if dense else merged, action)
+        self.write_base_weight(merged)
+
     def _check_finite(self, weight: torch.Tensor, action: str) -> None:
-        # min/max propagate NaN and expose +-inf: one reduction, no bool copy (10x faster on CPU).
-        if not torch.isfinite(torch.stack(torch.aminmax(weight))).all():
+        if not _all_finite(weight):
             name = getattr(self, "_hf_lora_path", type(self).__name__)
             raise ValueError(
                 f"{action} of LoRA layer {name!r} would produce NaN or inf weights; the adapter "
@@ -136,6 +151,24 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    # min/max propagate NaN and expose +-inf: one reduction, no bool copy (10x faster on CPU).
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return math.isfinite(_max_abs(t))
+
+
+def _sum_is_finite(weight: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether ``weight + delta``, rounded to ``weight.dtype``, is certainly finite."""
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.shape != delta.shape:
+        return False
+    bound = _max_abs(weight) + _max_abs(delta)  # nan if either holds NaN: the test fails
+    return bound < torch.finfo(weight.dtype).max * (1 - 2**-20)  # margin for fp32 rounding
 
 
 def _make_dropout(p: float) -> nn.Module:

@@ -217,6 +217,55 @@ def test_merge_refuses_non_finite_results_and_changes_nothing():
     assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
 
 
+def _half_layer(dtype: torch.dtype) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12, bias=False).to(dtype), r=4, scaling=2.0, dropout=0.0, init=False)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_is_fp32_maths_rounded_once_into_the_base_dtype(dtype):
+    layer = _half_layer(dtype)
+    weight = layer.base_layer.weight.detach().clone()
+    expected = (weight.float() + layer.delta_weight()).to(dtype)
+    layer.merge(keep_original=False)
+    assert layer.base_layer.weight.dtype == dtype
+    assert torch.equal(layer.base_layer.weight, expected)
+    layer.unmerge()  # by subtraction: exact up to one rounding of the base dtype
+    expected_back = (expected.float() - layer.delta_weight()).to(dtype)
+    assert torch.equal(layer.base_layer.weight, expected_back)
+
+
+def test_merge_refuses_an_fp16_overflow_and_changes_nothing():
+    layer = _half_layer(torch.float16)
+    with torch.no_grad():  # every delta entry: 2 * 4 * 200 * 200 = 320000 > 65504 (fp16's max)
+        layer.lora_A.weight.fill_(200.0)
+        layer.lora_B.weight.fill_(200.0)
+    weight = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf weights"):
+        layer.merge(keep_original=False)
+    assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
+
+
+def test_merge_near_the_dtype_limit_takes_the_checked_path_and_is_exact():
+    # max|W| + max|delta| exceeds fp16's range, but the sum itself does not: the in-place
+    # shortcut cannot prove that, so the merged copy is built and checked instead.
+    layer = _half_layer(torch.float16)
+    with torch.no_grad():
+        layer.base_layer.weight[0, 0] = 60000.0
+        layer.lora_A.weight.zero_()
+        layer.lora_B.weight.zero_()
+        layer.lora_A.weight[0, 0] = 100.0
+        layer.lora_B.weight[0, 0] = -40.0  # delta[0, 0] = 2 * 100 * -40 = -8000
+    weight = layer.base_layer.weight.detach().clone()
+    expected = (weight.float() + layer.delta_weight()).to(torch.float16)
+    layer.merge()
+    assert layer.base_layer.weight[0, 0].item() == 52000.0  # exact in fp16 (a multiple of 32)
+    assert torch.equal(layer.base_layer.weight, expected)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, weight)
+
+
 def test_failed_model_merge_leaves_every_layer_unmerged():
     wrapper, base, _ = _build("llama-linear", init_lora_weights=False)
     before = _base_weights_of_lora_layers(base)
