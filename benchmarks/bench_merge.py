@@ -4,7 +4,8 @@
     python benchmarks/bench_merge.py --device cuda --dtype bf16 --hidden 4096 --intermediate 11008 --heads 32
 
 Each library runs in its own child process: build the base, wrap it, give the adapters random
-factors, then time ``merge_and_unload``. Memory is the rise of the peak (VmHWM on CPU,
+factors, then time ``merge_and_unload``. The two libraries alternate for ``--repeats`` fresh
+processes each (one merge is a single, noisy shot); medians are reported. Memory is the rise of the peak (VmHWM on CPU,
 ``max_memory_allocated`` on CUDA) during the merge, next to the size of one copy of the model:
 an in-place merge should need only about one adapted weight's worth of scratch space.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +57,7 @@ def child(args: argparse.Namespace, library: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per library (alternating)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -64,15 +67,24 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}; hidden {args.hidden}, "
           f"layers {args.layers}; r={args.r}")
-    for library in ("hf_lora", "peft"):
-        run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", library],
-                             capture_output=True, text=True, check=False)
-        if run.returncode != 0:
-            print(f"{library:8} failed or unavailable: {run.stderr.strip().splitlines()[-1:]}")
+    runs: dict[str, list[dict[str, float]]] = {"hf_lora": [], "peft": []}
+    for _ in range(args.repeats):
+        for library, results in runs.items():
+            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", library],
+                                 capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                print(f"{library:8} failed or unavailable: {run.stderr.strip().splitlines()[-1:]}")
+                continue
+            results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    for library, results in runs.items():
+        if not results:
             continue
-        res = json.loads(run.stdout.strip().splitlines()[-1])
-        print(f"{library:8} merge_and_unload {res['seconds'] * 1e3:8.1f} ms; peak rise {res['peak_rise_mb']:7.1f} MB "
-              f"(model {res['model_mb']:.1f} MB, rise / model {res['peak_rise_mb'] / res['model_mb']:.3f})")
+        seconds = statistics.median(r["seconds"] for r in results)
+        rise = statistics.median(r["peak_rise_mb"] for r in results)
+        model_mb = results[0]["model_mb"]
+        shots = ", ".join(f"{r['seconds'] * 1e3:.0f}" for r in results)
+        print(f"{library:8} merge_and_unload {seconds * 1e3:8.1f} ms (runs: {shots}); peak rise {rise:7.1f} MB "
+              f"(model {model_mb:.1f} MB, rise / model {rise / model_mb:.3f})")
 
 
 if __name__ == "__main__":
