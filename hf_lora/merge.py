@@ -266,6 +266,10 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
                     merged_layers.add(key.rpartition(".")[0])
                 keep = tensor.dtype if not was_quantized else _quantized_from(quant, config)
                 value = value.to(out_dtype or keep) if value.is_floating_point() else value
+                if changed and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"Merged tensor {key!r} holds NaN or inf in {str(value.dtype).replace('torch.', '')} "
+                                     "(the adapter is non-finite or the sum overflows that dtype); merge to a wider "
+                                     "one with --dtype fp32 or bf16.")
                 out[key] = value.contiguous()
                 weight_map[key] = shard
             atomic_write(staging / shard, lambda tmp, out=out: save_file(out, tmp, metadata={"format": "pt"}))

@@ -173,6 +173,23 @@ def test_merge_errors_name_the_problem(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_an_fp16_overflow_is_refused_not_written_as_inf(tmp_path, capsys):
+    base = save_base(make_llama(), tmp_path / "base")
+    wrapper = wrap(make_llama(), LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():  # delta entries: 2 * 4 * 200 * 200 = 320000, beyond fp16's 65504
+        for module in wrapper.modules():
+            if hasattr(module, "lora_A") and hasattr(module.lora_A, "weight"):
+                module.lora_A.weight.fill_(200.0)
+                module.lora_B.weight.fill_(200.0)
+    wrapper.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    assert cli(["merge", base, str(tmp_path / "adapter"), str(out), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "q_proj.weight" in err and "float16" in err and "--dtype fp32 or bf16" in err
+    assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+    assert cli(["merge", base, str(tmp_path / "adapter"), str(out), "--dtype", "fp32"]) == 0
+
+
 class _FakeApi:
     calls: list[tuple[str, dict]] = []
 
