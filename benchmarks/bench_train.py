@@ -17,7 +17,8 @@ Variants (each on its own copy of one random-init LLaMA):
            inputs: a slightly higher floor.) The floor has no optimizer; LoRA steps include
            AdamW's step on the adapter.
 
-Each timed round runs every variant once (A B C, B C A, ...); medians over rounds are reported.
+Each timed round runs every variant once (A B C, B C A, ...); times are medians over rounds, and
+ratios are medians of the per-round ratios (paired within a round, so slow drift cancels).
 Saved activations: bytes of the unique storages autograd saves in one step (parameters and
 buffers excluded), from ``torch.autograd.graph.saved_tensors_hooks``. Peak memory: each variant
 runs alone in a fresh child process (an allocator that already holds freed memory hides a
@@ -222,11 +223,18 @@ def run(args: argparse.Namespace, base: nn.Module, dropout: float) -> dict[str, 
                 step()
                 results[name]["cpu"].append(time.process_time() - start_cpu)
                 results[name]["times"].append(time.perf_counter() - start)
+    rounds = {name: (res["times"], res["cpu"]) for name, res in results.items()}
     for name, res in results.items():
         times, cpu = res.pop("times"), res.pop("cpu")
         res["median_ms"] = statistics.median(times) * 1e3
         res["min_ms"] = min(times) * 1e3
         res["cpu_ms"] = statistics.median(cpu) * 1e3
+        # Ratios pair the variants within each round (they ran seconds apart), then take the
+        # median over rounds: the machine's slow drift cancels, unlike in a ratio of medians.
+        for ref in ("peft", "floor"):
+            if ref in rounds:
+                for key, (mine, theirs) in (("wall", (times, rounds[ref][0])), ("cpu", (cpu, rounds[ref][1]))):
+                    res[f"{key}_x_{ref}"] = statistics.median(a / b for a, b in zip(mine, theirs))
         if args.memory:
             res.update(peak_memory(name, dropout))
     return results
@@ -237,7 +245,12 @@ def report(results: dict[str, dict[str, float]], dropout: float) -> str:
     peft, floor = results.get("peft"), results["floor"]
 
     def ratio(res: dict[str, float], ref: dict[str, float] | None, key: str) -> str:
-        return f"{res[key] / ref[key]:.3f}" if ref else "-"
+        if ref is None:
+            return "-"
+        paired = {"median_ms": "wall", "cpu_ms": "cpu"}.get(key)
+        if paired:
+            return f"{res[f'{paired}_x_' + ('peft' if ref is peft else 'floor')]:.3f}"
+        return f"{res[key] / ref[key]:.3f}"
 
     header = (f"{'variant':8} {'wall ms':>8} {'x peft':>7} {'x floor':>8} {'cpu ms':>8} "
               f"{'x peft':>7} {'x floor':>8} {'saved MB':>9} {'x peft':>7} {'peak MB':>8} {'rise MB':>8}")
