@@ -118,7 +118,12 @@ class LoRALayer(nn.Module):
         dense = type(self).write_base_weight is LoRALayer.write_base_weight
         weight = self.base_layer.weight
         if dense and _sum_is_finite(weight, delta):
-            weight.data.add_(delta)  # type promotion: computed in fp32, rounded once
+            # Type promotion computes in fp32 and rounds once. For a 16-bit weight it also
+            # allocates fp32 temporaries the size of the operand: row blocks of ~4M elements
+            # bound them (fp32 weights need none; the blocks cost nothing there).
+            rows = max(1, _ADD_BLOCK // max(1, weight[0].numel())) if weight.dim() > 1 else len(weight)
+            for weight_rows, delta_rows in zip(weight.data.split(rows), delta.split(rows)):
+                weight_rows.add_(delta_rows)
             return
         merged = self.read_base_weight() + delta
         self._check_finite(merged.to(weight.dtype) if dense else merged, action)
@@ -151,6 +156,9 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+_ADD_BLOCK = 1 << 22  # elements per block of an in-place merge (16 MB of fp32 temporaries)
 
 
 def _max_abs(t: torch.Tensor) -> float:
