@@ -22,4 +22,4 @@ cd benchmarks
 filter() { grep -v -i warn | tee "$1"; }
 timeout 360 "$PY" bench_train.py "${SIZE[@]}" --steps 30 --warmup 5 --with-plain --json "$OUT_DIR/train.json" 2>&1 | filter "$OUT_DIR/train.txt"
 timeout 120 "$PY" bench_infer.py "${SIZE[@]}" --steps 30 --warmup 5 2>&1 | filter "$OUT_DIR/infer.txt"
-timeout 120 "$PY" bench_merge.py "${SIZE[@]}" 2>&1 | filter "$OUT_DIR/merge.txt"
+timeout 120 "$PY" bench_merge.py "${SIZE[@]}" --repeats 1 2>&1 | filter "$OUT_DIR/merge.txt"
