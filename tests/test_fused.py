@@ -20,12 +20,13 @@ def make_layer(p: float = 0.0, in_f: int = 24, out_f: int = 20, r: int = 4, bias
     return layer.train()
 
 
-def run(layer: LoRALinear, x: torch.Tensor, *, on: bool, seed: int = 7, autocast: bool = False):
+def run(layer: LoRALinear, x: torch.Tensor, *, on: bool, seed: int = 7, autocast: bool = False,
+        autocast_dtype: torch.dtype = torch.bfloat16):
     """Output and gradients (x, A, B) of one forward/backward, with the fast path on or off."""
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with fused.use_fused(on), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with fused.use_fused(on), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
         out = layer(x)
         loss = (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum()
     loss.backward()
@@ -142,11 +143,16 @@ def test_drop_positions_cover_the_whole_tensor():
     assert abs(counts / (7 * 2000) - 0.6) < 0.02
 
 
-def test_bf16_autocast_matches_plain_path():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_autocast_matches_plain_path(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "adapter_update", lambda *a: calls.append(1) or fused_update(*a))
     layer, x = make_layer(0.0), torch.randn(3, 5, 24)
-    got, want = run(layer, x, on=True, autocast=True), run(layer, x, on=False, autocast=True)
-    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    got = run(layer, x, on=True, autocast=True, autocast_dtype=dtype)
+    want = run(layer, x, on=False, autocast=True, autocast_dtype=dtype)
+    assert got[0].dtype == want[0].dtype == dtype
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    assert calls == [1]  # the fast path ran (once: the second run had it switched off)
     assert_all_close(got, want, rtol=2e-2, atol=2e-2)
 
 
@@ -160,12 +166,15 @@ def test_bf16_autocast_with_dropout_matches_formula():
     assert_all_close((got[0].float(), *got[1:]), want, rtol=3e-2, atol=3e-2)
 
 
-def test_bf16_base_with_fp32_adapters():
-    layer = make_layer(0.0).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_base_with_fp32_adapters(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "adapter_update", lambda *a: calls.append(1) or fused_update(*a))
+    layer = make_layer(0.0).to(dtype)
     layer.lora_A.float(), layer.lora_B.float()
-    x = torch.randn(2, 5, 24, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 24, dtype=dtype)
     got, want = run(layer, x, on=True), run(layer, x, on=False)
-    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
+    assert got[0].dtype == dtype and got[1].dtype == dtype and calls == [1]
     assert_all_close(got, want, rtol=2e-2, atol=2e-2)
 
 
