@@ -59,7 +59,7 @@ def _base_name_or_path(base: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
 
 
-def _task_type(wrapper: "LoRAModelWrapper") -> str | None:
+def _task_type(wrapper: LoRAModelWrapper) -> str | None:
     task = wrapper.lora_config.task_type
     if not task:
         name = type(wrapper.base_model).__name__
@@ -67,7 +67,7 @@ def _task_type(wrapper: "LoRAModelWrapper") -> str | None:
     return task_type_for_peft(task, wrapper.base_model)  # PEFT must not expect an unsaved head
 
 
-def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
+def adapter_config_dict(wrapper: LoRAModelWrapper) -> dict[str, Any]:
     """The ``adapter_config.json`` content: PEFT's fields, with targets resolved for this model."""
     cfg = wrapper.lora_config
     layers = lora_layers(wrapper.base_model)
@@ -101,7 +101,7 @@ def adapter_config_dict(wrapper: "LoRAModelWrapper") -> dict[str, Any]:
     }
 
 
-def adapter_tensors(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor]:
+def adapter_tensors(wrapper: LoRAModelWrapper) -> dict[str, torch.Tensor]:
     """Adapter tensors under PEFT's keys, contiguous, on CPU (ready for safetensors).
 
     Zero padding that adapter switching adds beyond the active adapter's rank is trimmed.
@@ -111,7 +111,7 @@ def adapter_tensors(wrapper: "LoRAModelWrapper") -> dict[str, torch.Tensor]:
     return {peft_key(path): p.detach().to("cpu").contiguous() for path, p in logical_adapter_state(wrapper).items()}
 
 
-def save_adapter(wrapper: "LoRAModelWrapper", directory: str | os.PathLike[str], **card_fields: Any) -> Path:
+def save_adapter(wrapper: LoRAModelWrapper, directory: str | os.PathLike[str], **card_fields: Any) -> Path:
     """Write the adapter folder crash-safely. Returns the folder.
 
     All three files are staged in the folder first and then renamed into place, so a failed
@@ -254,7 +254,7 @@ def check_same_save(folder: Path) -> None:
         )
 
 
-def load_tensors_into(wrapper: "LoRAModelWrapper", tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_tensors_into(wrapper: LoRAModelWrapper, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy PEFT-keyed ``tensors`` into the wrapper after checking every key and shape.
 
     Raises ``ValueError`` (naming ``source``) before any copy when a key is missing or
@@ -351,7 +351,7 @@ def _check_token_growth(config: LoRAConfig, rows: int | None, source: Path) -> N
 def load_pretrained(
     base_model: nn.Module, model_id: str, *, is_trainable: bool, revision: str | None, token: str | None, subfolder: str | None,
     strict_base: bool = False,
-) -> "LoRAModelWrapper":
+) -> LoRAModelWrapper:
     """`LoRAModelWrapper.from_pretrained`: read, validate, wrap, load; the base is untouched on error."""
     from .model import LoRAModelWrapper
 

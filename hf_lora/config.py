@@ -11,10 +11,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Union[bool, str]  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora"
+InitMode = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora"
 
 VALID_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
 VALID_INIT: tuple[object, ...] = (True, False, "gaussian", "pissa", "olora")
@@ -230,18 +230,18 @@ class LoRAConfig:
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    target_modules: Union[str, tuple[str, ...]] = ("attention", "mlp")
-    exclude_modules: Union[str, tuple[str, ...], None] = None
+    target_modules: str | tuple[str, ...] = ("attention", "mlp")
+    exclude_modules: str | tuple[str, ...] | None = None
     bias: BiasMode = "none"
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: InitMode = True
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    modules_to_save: Union[tuple[str, ...], None] = None
-    trainable_token_indices: Union[tuple[int, ...], Mapping[str, tuple[int, ...]], None] = None
+    modules_to_save: tuple[str, ...] | None = None
+    trainable_token_indices: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
     fan_in_fan_out: bool = False
-    task_type: Union[str, None] = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised values are written once, here
@@ -312,7 +312,7 @@ class LoRAConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "adapter config") -> "LoRAConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "adapter config") -> LoRAConfig:
         """Build a config from an ``adapter_config.json`` dict (ours or PEFT's).
 
         PEFT bookkeeping fields are ignored; PEFT features that change the maths and that

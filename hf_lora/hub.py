@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def model_card(
-    wrapper: "LoRAModelWrapper",
+    wrapper: LoRAModelWrapper,
     *,
     metrics: Mapping[str, float] | None = None,
     dataset: str | None = None,
@@ -83,7 +83,7 @@ def model_card(
     return "\n".join(front + body) + "\n"
 
 
-def rewrite_trainer_card(wrapper: "LoRAModelWrapper", output_dir: str, *, metrics: Mapping[str, float] | None = None) -> None:
+def rewrite_trainer_card(wrapper: LoRAModelWrapper, output_dir: str, *, metrics: Mapping[str, float] | None = None) -> None:
     """Replace the card ``Trainer.create_model_card`` wrote in ``output_dir`` with the adapter card.
 
     Trainer's card says ``library_name: transformers``, so the Hub would not see an adapter.
@@ -105,7 +105,7 @@ def rewrite_trainer_card(wrapper: "LoRAModelWrapper", output_dir: str, *, metric
 
 
 def push_adapter(
-    wrapper: "LoRAModelWrapper",
+    wrapper: LoRAModelWrapper,
     repo_id: str,
     *,
     token: str | None = None,

@@ -35,7 +35,7 @@ from .tying import check_untied, untie_base_weights
 _WRAPPER_CLASSES: dict[type, type] = {}
 
 
-def _wrapper_class_for(base_class: type) -> type["LoRAModelWrapper"]:
+def _wrapper_class_for(base_class: type) -> type[LoRAModelWrapper]:
     """A ``LoRAModelWrapper`` subclass whose class-level ``forward`` mirrors ``base_class.forward``."""
     cached = _WRAPPER_CLASSES.get(base_class)
     if cached is not None:
@@ -89,7 +89,7 @@ class LoRAModelWrapper(TrainerCompatMixin, MultiAdapterMixin, nn.Module):
     _keys_to_ignore_on_save = None
     model_tags = ["hf-lora", "lora"]
 
-    def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "LoRAModelWrapper":
+    def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> LoRAModelWrapper:
         if cls is LoRAModelWrapper and isinstance(base_model, nn.Module):
             cls = _wrapper_class_for(type(base_model))
         return super().__new__(cls)
@@ -304,7 +304,7 @@ class LoRAModelWrapper(TrainerCompatMixin, MultiAdapterMixin, nn.Module):
         token: str | None = None,
         subfolder: str | None = None,
         strict_base: bool = False,
-    ) -> "LoRAModelWrapper":
+    ) -> LoRAModelWrapper:
         """Wrap ``base_model`` with the adapter in folder or Hub repo ``model_id`` (ours or PEFT's).
 
         ``is_trainable=False`` (PEFT's default) freezes the adapter for inference. When the

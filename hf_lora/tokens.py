@@ -58,7 +58,7 @@ class TrainableTokens(nn.Module):
         disabled: The base rows are used (``disable_adapter``).
     """
 
-    def __init__(self, base_layer: nn.Module, token_indices: Sequence[int], source: "TrainableTokens | None" = None) -> None:
+    def __init__(self, base_layer: nn.Module, token_indices: Sequence[int], source: TrainableTokens | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer  # the module, or a LoRAEmbedding around it (embedding LoRA + new rows)
         weight = raw_module(base_layer).weight

@@ -68,7 +68,7 @@ class TrainerCompatMixin:
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Deprecated transformers alias of `activation_checkpointing_enable`."""
-        enable = getattr(self.base_model, "gradient_checkpointing_enable")
+        enable = self.base_model.gradient_checkpointing_enable
         enable(*args, **kwargs)
         self._enable_input_grads_once()
 

@@ -102,7 +102,9 @@ def train(model, data: torch.Tensor, steps: int, lr: float, batch: int, seed: in
 
 
 def losses(model, code_eval: torch.Tensor, ref_eval: torch.Tensor) -> tuple[float, float]:
-    as_examples = lambda t: [{"input_ids": row.tolist()} for row in t]
+    def as_examples(t: torch.Tensor) -> list[dict[str, list[int]]]:
+        return [{"input_ids": row.tolist()} for row in t]
+
     return (reference_loss(model, as_examples(code_eval), batch_size=32),
             reference_loss(model, as_examples(ref_eval), batch_size=32))
 

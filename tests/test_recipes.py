@@ -245,8 +245,8 @@ def test_sharded_runs_gather_the_adapter_and_refuse_empty_tensors(tmp_path, monk
     from types import SimpleNamespace
 
     import finetune_model as fm
-
     from conftest import make_llama
+
     from hf_lora import LoRAConfig, wrap
 
     args = SimpleNamespace(fsdp="", deepspeed=None, should_save=True)

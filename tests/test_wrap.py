@@ -331,4 +331,4 @@ def test_lora_layers_expose_the_base_layers_attributes():
     assert lora_q.weight is q_proj.weight
     assert (lora_q.in_features, lora_q.out_features) == (q_proj.in_features, q_proj.out_features)
     with pytest.raises(AttributeError, match="no_such_attribute"):
-        lora_q.no_such_attribute
+        _ = lora_q.no_such_attribute
