@@ -219,11 +219,20 @@ def test_switching_under_torch_compile_does_not_recompile(folders, tmp_path, ref
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind", ["gpt2-conv1d-embedding", "llama-dora"])
+_KIND_CONFIGS = {
+    "gpt2-conv1d-embedding": {"target_modules": ["attention", "mlp", "embedding"]},
+    "llama-dora": {"use_dora": True},
+    "llama-token-rows": {"trainable_token_indices": (3, 5, 7)},
+}
+
+
+@pytest.mark.parametrize("kind", list(_KIND_CONFIGS))
 def test_switching_other_layer_kinds(kind, tmp_path, input_ids):
     make = make_gpt2 if kind.startswith("gpt2") else make_llama
-    extra = {"target_modules": ["attention", "mlp", "embedding"]} if kind.startswith("gpt2") else {"use_dora": True}
-    refs = {}
+    extra = _KIND_CONFIGS[kind]
+    input_ids = input_ids.clone()
+    input_ids[:, :3] = torch.tensor([3, 5, 7])  # the token rows take part
+    refs, tokens = {}, {}
     for name, seed, r in [("a", 1, 4), ("b", 2, 8)]:
         base = make(0)
         torch.manual_seed(seed)
@@ -232,10 +241,16 @@ def test_switching_other_layer_kinds(kind, tmp_path, input_ids):
             for param in model.adapter_parameters().values():
                 param.add_(0.05 * torch.randn_like(param))
         model.save_pretrained(str(tmp_path / name))
-        refs[name] = _logits(LoRAModelWrapper.from_pretrained(make(0), str(tmp_path / name)), input_ids)
+        alone = LoRAModelWrapper.from_pretrained(make(0), str(tmp_path / name))
+        refs[name] = _logits(alone, input_ids)
+        tokens[name] = {k: v.detach().clone() for k, v in alone.adapter_parameters().items() if "token" in k}
     model = LoRAModelWrapper.from_pretrained(make(0), str(tmp_path / "a"))
     model.load_adapter(str(tmp_path / "b"), "b")
-    for name, ref in [("b", refs["b"]), ("default", refs["a"])]:
+    for name, ref, key in [("b", refs["b"], "b"), ("default", refs["a"], "a")]:
         model.set_adapter(name)
         torch.testing.assert_close(_logits(model, input_ids), ref)
+        live = {k: v for k, v in model.adapter_parameters().items() if "token" in k}
+        assert live.keys() == tokens[key].keys() and (kind != "llama-token-rows" or live)
+        for k, v in live.items():
+            assert torch.equal(v, tokens[key][k]), k
     assert not torch.allclose(refs["a"], refs["b"])
