@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from bench_train import TARGETS, add_model_args, autocast, build_base, sync
+from bench_train import TARGETS, add_model_args, autocast, build_base, positive_int, sync
 from torch import nn
 
 
@@ -35,7 +35,7 @@ def randomize(model: nn.Module) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     if args.threads:

@@ -21,7 +21,7 @@ import time
 
 import torch
 from bench_infer import randomize
-from bench_train import TARGETS, _status_bytes, add_model_args, build_base, sync
+from bench_train import TARGETS, _status_bytes, add_model_args, build_base, positive_int, sync
 
 
 def child(args: argparse.Namespace, library: str) -> None:
@@ -57,7 +57,7 @@ def child(args: argparse.Namespace, library: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per library (alternating)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="fresh processes per library (alternating)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

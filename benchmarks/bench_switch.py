@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_train import positive_int
 
 
 def _sync(device: str) -> None:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--repeats", type=positive_int, default=41)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings stable on shared machines)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -47,6 +47,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of rounds, steps or repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the three benchmark scripts (model size, batch, adapter, device)."""
     parser.add_argument("--hidden", type=int, default=512)
@@ -268,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.05, 0.0])
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed rounds (each runs every variant once)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--floor", choices=["outputs", "embeddings"], default="outputs")
     parser.add_argument("--with-plain", action="store_true", help="also time hf_lora with the fast path off")
