@@ -130,7 +130,7 @@ class LoRALayer(nn.Module):
         self.write_base_weight(merged)
 
     def _check_finite(self, weight: torch.Tensor, action: str) -> None:
-        if not _all_finite(weight):
+        if not all_finite(weight):
             name = getattr(self, "_hf_lora_path", type(self).__name__)
             raise ValueError(
                 f"{action} of LoRA layer {name!r} would produce NaN or inf weights; the adapter "
@@ -167,7 +167,8 @@ def _max_abs(t: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of floating tensor ``t`` is finite (one reduction, no bool copy)."""
     return math.isfinite(_max_abs(t))
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, read_config, read_tensors, resolve_adapter_folder
 from .init import without_base_init
-from .layers import LoRALayer, TrainedCopy
+from .layers import LoRALayer, TrainedCopy, all_finite
 from .peft_compat import drop_absent_modules_to_save, drop_duplicate_head_keys
 from .safe_io import staging_folder
 from .state import peft_key
@@ -266,7 +266,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str | None = N
                     merged_layers.add(key.rpartition(".")[0])
                 keep = tensor.dtype if not was_quantized else _quantized_from(quant, config)
                 value = value.to(out_dtype or keep) if value.is_floating_point() else value
-                if changed and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if changed and value.is_floating_point() and not all_finite(value):
                     raise ValueError(f"Merged tensor {key!r} holds NaN or inf in {str(value.dtype).replace('torch.', '')} "
                                      "(the adapter is non-finite or the sum overflows that dtype); merge to a wider "
                                      "one with --dtype fp32 or bf16.")
